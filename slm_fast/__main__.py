@@ -1,0 +1,5 @@
+import sys
+
+from slm_fast.cli import main
+
+sys.exit(main())
