@@ -5,7 +5,7 @@ import os
 
 os.environ.setdefault("SLM_FAST_THREADS", "1")
 
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
