@@ -1,0 +1,80 @@
+"""Atomic output folders: everything is written into a hidden temporary folder next to the target and
+renamed into place only when complete, so a failure never leaves a partial output behind and an
+existing output is replaced only with --overwrite."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from slm_fast.errors import CheckpointError
+
+# Files of a source checkpoint that are rewritten, not copied.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+REWRITTEN_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def check_output_location(source: Path, output: Path, *, overwrite: bool) -> None:
+    """Refuse outputs that would modify the source or silently replace an existing folder."""
+    source, output = source.resolve(), output.resolve()
+    if output == source or source in output.parents:
+        raise CheckpointError(f"output {output} is inside the source checkpoint {source}; choose another folder")
+    if output in source.parents:
+        raise CheckpointError(f"output {output} contains the source checkpoint {source}; choose another folder")
+    if output.exists() and not overwrite:
+        raise CheckpointError(f"output {output} already exists; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def staged_folder(output: Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder next to `output`; on success it replaces `output`, on any error it is
+    removed and `output` is left as it was."""
+    output = output.resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if output.exists():
+        if not overwrite:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise CheckpointError(f"output {output} appeared while writing; pass --overwrite to replace it")
+        retired = output.parent / f".{output.name}.replaced-{os.getpid()}"
+        output.rename(retired)
+        staging.rename(output)
+        shutil.rmtree(retired)
+    else:
+        staging.rename(output)
+
+
+def copy_tagalong_files(source: Path, destination: Path) -> list[str]:
+    """Copy tokenizer, generation-config and similar small files; weights, the index, config.json
+    and model cards (which would describe the unpruned model) are not copied."""
+    copied = []
+    for path in sorted(source.iterdir()):
+        if (
+            not path.is_file()
+            or path.suffix in WEIGHT_SUFFIXES
+            or path.name in REWRITTEN_FILES
+            or path.suffix.lower() == ".md"
+        ):
+            continue
+        shutil.copy2(path, destination / path.name)
+        copied.append(path.name)
+    return copied
+
+
+def ensure_free_space(folder: Path, needed_bytes: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise CheckpointError(
+            f"not enough disk space in {folder}: the output needs {needed_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free"
+        )
