@@ -1,0 +1,70 @@
+"""Tiny random decoder checkpoints for tests, one per supported architecture family.
+
+Every parameter (norm gains and biases included) is randomised so that merge rules that pick
+different tensors give different models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)
+
+
+def tiny_config(arch: str, num_layers: int = 6) -> PretrainedConfig:
+    if arch == "llama":
+        return LlamaConfig(num_hidden_layers=num_layers, tie_word_embeddings=True, **COMMON)
+    if arch == "mistral":
+        return MistralConfig(num_hidden_layers=num_layers, sliding_window=None, **COMMON)
+    if arch == "qwen2":
+        # Sliding window on the top blocks only, so that layer_types/max_window_layers matter.
+        return Qwen2Config(
+            num_hidden_layers=num_layers,
+            use_sliding_window=True,
+            sliding_window=16,
+            max_window_layers=num_layers // 2,
+            **COMMON,
+        )
+    if arch == "qwen3":
+        return Qwen3Config(num_hidden_layers=num_layers, head_dim=16, **COMMON)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, num_layers: int = 6, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, num_layers))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.2 * torch.randn_like(param))
+            else:
+                param.copy_(0.05 * torch.randn_like(param))
+    return model.eval()
+
+
+def save_tiny_checkpoint(
+    folder: Path, arch: str = "llama", num_layers: int = 6, dtype: torch.dtype = torch.float32, shard: str | None = None
+) -> Path:
+    """Write a tiny checkpoint (sharded when `shard` is a size such as '40KB') and return its folder."""
+    model = tiny_model(arch, num_layers).to(dtype)
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(folder, **kwargs)
+    (folder / "tokenizer_config.json").write_text('{"model_max_length": 256}\n')
+    return folder
