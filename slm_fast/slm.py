@@ -1,0 +1,225 @@
+"""The sliding-window search of SLM (arXiv 2502.19159), out of core, and the threshold search.
+
+The scan runs from the top of the network down with a window [lo, hi] (slm_reference.md section 2):
+a candidate model is the model with the windows committed so far merged plus [lo, hi] merged; while
+its similarity to the original model stays strictly above the threshold the window grows downward;
+when it fails, the last passing window (2 blocks or more) is committed and the scan continues below.
+
+Costs are kept down three ways:
+- a candidate starts from the cached original hidden state at the input of its lowest block (blocks
+  below a window are untouched), so only the merged block and the blocks above it run;
+- `speculate` > 1 evaluates several downward extents [lo - k, hi] of the current window in one pass:
+  each block above hi is applied once to all of them (loaded once, when it is not resident);
+- every score is memoised by (committed windows, window), so a threshold search re-running the scan
+  at other thresholds pays only for candidates it has not seen; blocks, merged or not, stay resident
+  within the runner's memory budget (committed merged blocks are reused by every later candidate).
+
+`parity=True` reproduces the reference exactly, edge cases included: the window still pending when
+the scan reaches the bottom is dropped, and the no-op candidate [lo, lo] that follows every commit is
+recorded. The default mode commits that pending window and allows windows down to `protect_bottom`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from slm_fast.criteria import similarity_to_reference
+from slm_fast.runtime.cache import HiddenStateCache
+from slm_fast.runtime.stream import BlockRunner
+from slm_fast.windows import Window
+
+Committed = tuple[Window, ...]
+
+
+@dataclass
+class Candidate:
+    lo: int
+    hi: int
+    similarity: float
+    passed: bool
+    note: str = ""
+
+
+@dataclass
+class SearchResult:
+    threshold: float
+    windows: list[Window]  # in commit order (top first)
+    candidates: list[Candidate] = field(default_factory=list)
+    similarity: float | None = None  # of the final model (all windows merged); None if none was
+
+    @property
+    def blocks_removed(self) -> int:
+        return sum(hi - lo for lo, hi in self.windows)
+
+    def to_json(self) -> dict:
+        return {
+            "threshold": self.threshold,
+            "windows": [list(w) for w in sorted(self.windows)],
+            "blocks_removed": self.blocks_removed,
+            "similarity": self.similarity,
+            "candidates": [asdict(c) for c in self.candidates],
+        }
+
+
+class CandidateScorer:
+    """Scores candidate models (committed windows plus one new window) against the original model.
+
+    `cache` holds the original hidden state at every block boundary and `reference` the original
+    final-norm outputs [N, S, d] of the same calibration tokens.
+    """
+
+    def __init__(
+        self,
+        runner: BlockRunner,
+        cache: HiddenStateCache,
+        reference: Tensor,
+        *,
+        criterion: str,
+        rule: str,
+        on_evaluated: Callable[[int], None] | None = None,
+    ):
+        self.runner, self.cache, self.reference = runner, cache, reference
+        self.criterion, self.rule = criterion, rule
+        self.on_evaluated = on_evaluated
+        self.scores: dict[tuple[Committed, Window], float] = {}
+        self.forward_passes = 0
+
+    def score(self, committed: Committed, windows: list[Window]) -> list[float]:
+        """Scores of `windows` (all with the same hi, above none of `committed`), computed together."""
+        todo = [w for w in dict.fromkeys(windows) if (committed, w) not in self.scores]
+        if todo:
+            hi = todo[0][1]
+            assert all(w[1] == hi for w in todo), "speculative windows share their top block"
+            starts = [self.runner.apply(self.runner.block(w, self.rule), w[0], self.cache.get(w[0])) for w in todo]
+            hidden = self._run_above(torch.cat(starts), hi + 1, committed)
+            outputs = self.runner.final_norm(hidden).split(self.reference.shape[0])
+            for window, output in zip(todo, outputs, strict=True):
+                self.scores[(committed, window)] = similarity_to_reference(self.criterion, self.reference, output)
+            self.forward_passes += len(todo)
+            if self.on_evaluated is not None:
+                self.on_evaluated(len(todo))
+        return [self.scores[(committed, w)] for w in windows]
+
+    def _run_above(self, hidden: Tensor, start: int, committed: Committed) -> Tensor:
+        tops = {lo: hi for lo, hi in committed}
+        block = start
+        while block < self.runner.num_blocks:
+            hi = tops.get(block, block)
+            hidden = self.runner.apply(self.runner.block((block, hi), self.rule), block, hidden)
+            block = hi + 1
+        return hidden
+
+
+def sliding_search(
+    scorer: CandidateScorer,
+    num_blocks: int,
+    threshold: float,
+    *,
+    parity: bool = False,
+    protect_top: int = 1,
+    protect_bottom: int = 0,
+    speculate: int = 1,
+) -> SearchResult:
+    """Run the top-down sliding-window scan at `threshold` (see the module docstring).
+
+    protect_top: blocks at the top never merged (the reference never merges the last block: 1).
+    protect_bottom: blocks at the bottom never merged (ignored with `parity`, where the reference's
+    own rule applies: the scan visits block 0 but can never commit a window that starts there).
+    """
+    floor = 0 if parity else protect_bottom
+    hi = num_blocks - 1 - protect_top
+    lo = hi - 1
+    committed: Committed = ()
+    result = SearchResult(threshold=threshold, windows=[])
+    while lo >= floor:
+        extents = [(k, hi) for k in range(lo, max(floor, lo - speculate + 1) - 1, -1)]
+        similarity = scorer.score(committed, extents)[0]
+        passed = similarity > threshold
+        result.candidates.append(Candidate(lo, hi, similarity, passed))
+        if passed:
+            lo -= 1
+        elif lo + 1 != hi:
+            committed += ((lo + 1, hi),)
+            hi = lo
+            if parity:  # the reference re-evaluates the committed model as the no-op window [lo, lo]
+                result.candidates.append(
+                    Candidate(lo, lo, scorer.scores[(committed[:-1], committed[-1])], True, "no-op")
+                )
+            lo -= 1
+        else:
+            hi -= 1
+            lo -= 1
+    if not parity and hi - (lo + 1) >= 1:
+        committed += ((lo + 1, hi),)
+        result.candidates[-1].note = "committed at the bottom of the scan"
+    result.windows = list(committed)
+    if committed:  # the last committed window was scored on top of all the others
+        result.similarity = scorer.scores[(committed[:-1], committed[-1])]
+    return result
+
+
+@dataclass
+class ThresholdSearch:
+    """Outcome of searching the threshold that removes a target number of blocks."""
+
+    result: SearchResult
+    target_blocks: int
+    tried: list[tuple[float, int]]
+    exact: bool
+    reason: str = ""
+
+
+def search_threshold(
+    run: Callable[[float], SearchResult],
+    target_blocks: int,
+    *,
+    low: float = -1.0,
+    high: float = 1.0,
+    iterations: int = 40,
+) -> ThresholdSearch:
+    """Bisection on the threshold until the scan removes exactly `target_blocks` blocks.
+
+    Fewer blocks are removed as the threshold rises (the scan's outcome only changes where the
+    threshold crosses a candidate's similarity). When no threshold hits the target, the closest
+    result is returned (the smaller removal on a tie) with the reason.
+    """
+    tried: list[tuple[float, int]] = []
+    best: SearchResult | None = None
+
+    def attempt(threshold: float) -> SearchResult:
+        nonlocal best
+        outcome = run(threshold)
+        tried.append((threshold, outcome.blocks_removed))
+        if best is None or _closer(outcome.blocks_removed, best.blocks_removed, target_blocks):
+            best = outcome
+        return outcome
+
+    if attempt(low).blocks_removed < target_blocks:
+        return ThresholdSearch(
+            best, target_blocks, tried, False, f"even threshold {low} removes only {best.blocks_removed} blocks"
+        )
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        removed = attempt(middle).blocks_removed
+        if removed == target_blocks:
+            return ThresholdSearch(best, target_blocks, tried, True)
+        if removed > target_blocks:
+            low = middle
+        else:
+            high = middle
+    above = max((t for t in tried if t[1] > target_blocks), key=lambda t: t[0])
+    below = min((t for t in tried if t[1] < target_blocks), key=lambda t: t[0], default=(high, 0))
+    reason = (
+        f"no threshold removes exactly {target_blocks} blocks: removal jumps from {above[1]} "
+        f"(threshold {above[0]:.6f}) to {below[1]} (threshold {below[0]:.6f})"
+    )
+    return ThresholdSearch(best, target_blocks, tried, False, reason)
+
+
+def _closer(candidate: int, incumbent: int, target: int) -> bool:
+    gap, best_gap = abs(candidate - target), abs(incumbent - target)
+    return gap < best_gap or (gap == best_gap and candidate < incumbent)

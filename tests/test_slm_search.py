@@ -1,0 +1,119 @@
+"""The sliding-window search: reference parity against a whole-model reimplementation of SLM.py, the
+fixed edge cases of the default mode, speculation, and the threshold search."""
+
+import itertools
+
+import pytest
+import torch
+from reference_slm import reference_slm
+from tiny_models import save_tiny_checkpoint
+from transformers import AutoModelForCausalLM
+
+from slm_fast.checkpoint.reader import CheckpointReader
+from slm_fast.runtime.cache import HiddenStateCache
+from slm_fast.runtime.stream import BlockRunner, calibrate
+from slm_fast.slm import CandidateScorer, SearchResult, search_threshold, sliding_search
+
+IDS = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+# Per architecture: thresholds that exercise different decisions on the tiny random model below, and
+# the most windows one of those scans commits.
+THRESHOLDS = {"llama": ((0.2, 0.4, 0.5, 0.65, 0.8), 2), "qwen3": ((0.05, 0.1, 0.4, 0.7, 0.9), 1)}
+
+
+def make_scorer(folder, rule="keep_high_norms_low", criterion="cosine", budget=10**9):
+    runner = BlockRunner(CheckpointReader(folder), block_budget_bytes=budget)
+    cache = HiddenStateCache()
+    reference = calibrate(runner, IDS, cache, progress=False)
+    return CandidateScorer(runner, cache, reference, criterion=criterion, rule=rule)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def checkpoint(request, tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp(request.param), request.param, num_layers=10)
+
+
+def test_reference_preset_commits_what_the_reference_loop_commits(checkpoint):
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    scorer = make_scorer(checkpoint)
+    thresholds, most_windows = THRESHOLDS[model.config.model_type]
+    outcomes = []
+    for threshold in thresholds:
+        ours = sliding_search(scorer, 10, threshold, parity=True)
+        assert ours.windows == reference_slm(model, IDS, threshold), threshold
+        outcomes.append(tuple(ours.windows))
+    assert len(set(outcomes)) >= 4, outcomes
+    assert max(len(o) for o in outcomes) == most_windows, outcomes
+
+
+def test_reference_candidates_follow_the_loop(checkpoint):
+    result = sliding_search(make_scorer(checkpoint), 10, 0.5, parity=True)
+    first = result.candidates[0]
+    assert (first.lo, first.hi) == (7, 8)  # hi starts at L-2, lo at L-3
+    for before, after in itertools.pairwise(result.candidates):
+        if after.note == "no-op":  # follows every commit: the committed model re-evaluated
+            assert not before.passed and after.passed and after.lo == after.hi == before.lo
+    assert all(w[0] >= 1 for w in result.windows)  # layer 0 is never merged by the reference
+
+
+def test_default_mode_commits_the_window_pending_at_the_bottom(checkpoint):
+    scorer = make_scorer(checkpoint)
+    everything_passes = -2.0
+    assert sliding_search(scorer, 10, everything_passes, parity=True).windows == []  # the reference's bug
+    fixed = sliding_search(scorer, 10, everything_passes)
+    assert fixed.windows == [(0, 8)] and fixed.blocks_removed == 8
+    assert sliding_search(scorer, 10, everything_passes, protect_bottom=2, protect_top=2).windows == [(2, 7)]
+
+
+def test_speculation_loads_upper_blocks_once_for_several_extents(checkpoint):
+    """Out of core (no resident blocks), scanning below 5 protected top blocks: every candidate runs
+    the 5 blocks above its window; speculating 4 extents runs them once for 4 candidates."""
+    loads = {}
+    for speculate in (1, 4):
+        scorer = make_scorer(checkpoint, budget=0)
+        before = scorer.runner.blocks_loaded
+        results = [sliding_search(scorer, 10, t, speculate=speculate, protect_top=5) for t in (0.2, 0.65)]
+        loads[speculate] = (scorer.runner.blocks_loaded - before, results)
+    for plain, speculative in zip(loads[1][1], loads[4][1], strict=True):
+        assert plain.windows == speculative.windows
+        for x, y in zip(plain.candidates, speculative.candidates, strict=True):
+            assert (x.lo, x.hi, x.passed) == (y.lo, y.hi, y.passed)
+            assert x.similarity == pytest.approx(y.similarity, abs=1e-9)
+    assert loads[4][0] < loads[1][0]
+
+
+@pytest.mark.parametrize("criterion", ["cka-linear", "cka-rbf"])
+def test_cka_criteria_run_the_same_scan(checkpoint, criterion):
+    scorer = make_scorer(checkpoint, rule="mean", criterion=criterion)
+    result = sliding_search(scorer, 10, 0.9)
+    assert all(0.0 <= c.similarity <= 1.0 + 1e-9 for c in result.candidates)
+    assert [c.passed for c in result.candidates] == [c.similarity > 0.9 for c in result.candidates]
+
+
+def test_threshold_search_hits_the_target(checkpoint):
+    scorer = make_scorer(checkpoint)
+
+    def run(threshold):
+        return sliding_search(scorer, 10, threshold)
+
+    for target in (1, 3, 5):
+        outcome = search_threshold(run, target)
+        if outcome.exact:
+            assert outcome.result.blocks_removed == target
+        else:  # only when removal jumps over the target; the reason names both sides
+            assert "jumps from" in outcome.reason
+            assert abs(outcome.result.blocks_removed - target) <= min(abs(r - target) for _, r in outcome.tried)
+    too_many = search_threshold(run, 9)
+    assert not too_many.exact and too_many.result.blocks_removed == 8 and "removes only 8" in too_many.reason
+
+
+def test_threshold_search_reports_the_closest_when_the_target_is_skipped():
+    removal = {0.2: 4, 0.5: 2}  # a scan that never removes 3 blocks
+
+    def run(threshold):
+        removed = 4 if threshold < 0.35 else 2 if threshold < 0.9 else 0
+        return SearchResult(threshold, [(0, removed)] if removed else [])
+
+    outcome = search_threshold(run, 3)
+    assert not outcome.exact and outcome.result.blocks_removed == 2
+    assert "removal jumps from 4" in outcome.reason and "to 2" in outcome.reason
+    assert removal  # documents the shape of the scan above
