@@ -68,11 +68,13 @@ def export_merged_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     provenance: dict | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> ExportResult:
     """Merge each window [lo, hi] of `source` into one block at lo, renumber, and write to `output`.
 
     `dtype=None` keeps every tensor's dtype; otherwise floating tensors are stored in `dtype`.
-    `provenance` adds fields to the slm_fast.json record (e.g. the pruning report's path).
+    `provenance` adds fields to the slm_fast.json record; `extra_files` (name -> text) are written
+    into the output folder too (e.g. the pruning report), inside the same atomic rename.
     """
     started = time.perf_counter()
     reader = source if isinstance(source, CheckpointReader) else CheckpointReader(source)
@@ -122,6 +124,9 @@ def export_merged_checkpoint(
         record = _provenance(reader, result, dtype, provenance)
         (staging / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n")
         result.files.append(PROVENANCE_NAME)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
+            result.files.append(name)
     return result
 
 

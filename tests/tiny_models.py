@@ -68,3 +68,25 @@ def save_tiny_checkpoint(
     model.save_pretrained(folder, **kwargs)
     (folder / "tokenizer_config.json").write_text('{"model_max_length": 256}\n')
     return folder
+
+
+def save_tiny_tokenizer(folder: Path, vocab_size: int = 128) -> None:
+    """A word-level tokenizer whose words are w0 .. w{vocab_size-1} (so token ids equal word numbers)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0").save_pretrained(folder)
+
+
+def write_word_corpus(path: Path, documents: int = 24, words: int = 200, vocab_size: int = 128, seed: int = 0) -> Path:
+    """A .txt corpus of random-word paragraphs for the tiny tokenizer (blank-line separated)."""
+    gen = torch.Generator().manual_seed(seed)
+    paragraphs = [
+        " ".join(f"w{i}" for i in torch.randint(1, vocab_size, (words,), generator=gen).tolist())
+        for _ in range(documents)
+    ]
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    return path

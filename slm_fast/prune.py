@@ -1,0 +1,234 @@
+"""`slm-fast prune`: calibrate block by block, search the windows, write the pruned checkpoint.
+
+Composes the runtime (block-streamed forward passes and the hidden-state cache), the sliding-window
+search and the streaming export; writes `slm_report.json` into the output with every decision and
+what is needed to audit or repeat the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from slm_fast.checkpoint.reader import CheckpointReader
+from slm_fast.checkpoint.staging import check_output_location
+from slm_fast.criteria import check_criterion
+from slm_fast.errors import InputError
+from slm_fast.export import export_merged_checkpoint
+from slm_fast.merge import check_rule
+from slm_fast.runtime.cache import HiddenStateCache
+from slm_fast.runtime.stream import BlockRunner, calibrate
+from slm_fast.slm import CandidateScorer, SearchResult, search_threshold, sliding_search
+from slm_fast.windows import format_windows
+
+REPORT_NAME = "slm_report.json"
+# What the reference code fixes (slm_reference.md sections 1-3); `--preset reference` applies them all.
+REFERENCE_PRESET = dict(criterion="cosine", rule="keep_high_norms_low", n_samples=10, seq_len=128, seed=1234)
+
+
+@dataclass
+class PruneOptions:
+    threshold: float | None = None
+    remove: int | None = None
+    ratio: float | None = None
+    preset: str = "default"  # or "reference"
+    criterion: str = "cosine"
+    rule: str = "keep_high"
+    calib: str = "lambada"
+    n_samples: int = 10
+    seq_len: int = 128
+    seed: int = 1234
+    protect_top: int = 1
+    protect_bottom: int = 0
+    speculate: int = 1
+    device: str = "cpu"
+    dtype: str | None = None  # compute dtype; None = the checkpoint's (fp16 runs in fp32 on the CPU)
+    memory_budget: int = 8 * 10**9  # bytes for resident blocks plus cached hidden states
+    shard_size: int = 2 * 10**9
+    out_dtype: str | None = None  # None keeps the source dtype
+    overwrite: bool = False
+    progress: bool = True
+
+    def validated(self) -> PruneOptions:
+        targets = [t for t in (self.threshold, self.remove, self.ratio) if t is not None]
+        if len(targets) != 1:
+            raise InputError("give exactly one of --threshold, --remove and --ratio")
+        if self.preset not in ("default", "reference"):
+            raise InputError(f"unknown preset {self.preset!r}; choose default or reference")
+        if self.remove is not None and self.remove < 0:
+            raise InputError(f"--remove must be >= 0, got {self.remove}")
+        if self.ratio is not None and not 0 <= self.ratio < 1:
+            raise InputError(f"--ratio must be in [0, 1), got {self.ratio}")
+        if self.speculate < 1:
+            raise InputError(f"--speculate must be >= 1, got {self.speculate}")
+        check_criterion(self.criterion)
+        check_rule(self.rule)
+        return self
+
+
+@dataclass
+class PruneReport:
+    output: Path
+    windows: list[tuple[int, int]]
+    blocks_before: int
+    blocks_after: int
+    parameters_before: int
+    parameters_after: int
+    similarity: float | None
+    seconds: float
+
+    def summary(self) -> str:
+        similarity = "n/a (no window merged)" if self.similarity is None else f"{self.similarity:.4f}"
+        return (
+            f"pruned {self.blocks_before} -> {self.blocks_after} blocks, windows {format_windows(self.windows)}; "
+            f"parameters {self.parameters_before / 1e6:,.1f}M -> {self.parameters_after / 1e6:,.1f}M "
+            f"({1 - self.parameters_after / self.parameters_before:.1%} fewer); similarity {similarity}; "
+            f"{self.seconds:.1f} s; wrote {self.output}"
+        )
+
+
+def prune(source: str | Path, output: str | Path, options: PruneOptions) -> PruneReport:
+    started = time.perf_counter()
+    if options.preset == "reference":
+        options = dataclasses.replace(options, **REFERENCE_PRESET)
+    options.validated()
+    reader = CheckpointReader(source)
+    output = Path(output)
+    check_output_location(reader.folder, output, overwrite=options.overwrite)
+    timings: dict[str, float] = {}
+
+    tick = time.perf_counter()
+    input_ids = calibration_ids(reader.folder, options)
+    runner, cache = _runtime(reader, options, input_ids)
+    try:
+        reference = calibrate(runner, input_ids, cache, progress=options.progress)
+        timings["calibrate"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        bar = tqdm(desc="candidates", unit="cand", disable=not options.progress)
+        scorer = CandidateScorer(
+            runner, cache, reference, criterion=options.criterion, rule=options.rule, on_evaluated=bar.update
+        )
+        search, threshold_log = _search(scorer, reader, options)
+        bar.close()
+        timings["search"] = time.perf_counter() - tick
+    finally:
+        cache.close()
+
+    tick = time.perf_counter()
+    report = _report_json(reader, options, input_ids, search, threshold_log, scorer, timings)
+    exported = export_merged_checkpoint(
+        reader,
+        output,
+        search.windows,
+        rule=options.rule,
+        dtype=None if options.out_dtype is None else getattr(torch, options.out_dtype),
+        max_shard_bytes=options.shard_size,
+        overwrite=options.overwrite,
+        progress=options.progress,
+        provenance={"report": REPORT_NAME, "criterion": options.criterion, "threshold": search.threshold},
+        extra_files={REPORT_NAME: ""},
+    )
+    timings["write"] = time.perf_counter() - tick
+    report["timings_s"] = timings
+    report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report["parameters"] = {"before": exported.parameters_before, "after": exported.parameters_after}
+    (exported.output / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
+    return PruneReport(
+        output=exported.output,
+        windows=sorted(search.windows),
+        blocks_before=reader.num_blocks,
+        blocks_after=len(exported.block_sources),
+        parameters_before=exported.parameters_before,
+        parameters_after=exported.parameters_after,
+        similarity=search.similarity,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def calibration_ids(folder: Path, options: PruneOptions) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    from slm_fast.data import load_corpus, sample_calibration
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    corpus = load_corpus(options.calib)
+    return sample_calibration(tokenizer, corpus, options.n_samples, options.seq_len, options.seed)
+
+
+def blocks_for_ratio(reader: CheckpointReader, ratio: float) -> int:
+    """Blocks to remove so that the removed parameters are closest to `ratio` of the model's."""
+    total = sum(math.prod(loc.entry.shape) for loc in reader.locations.values())
+    per_block = sum(math.prod(reader.entry(reader.full_name(0, n)).shape) for n in reader.block_tensor_names(0))
+    return round(ratio * total / per_block)
+
+
+def _runtime(reader: CheckpointReader, options: PruneOptions, input_ids: torch.Tensor):
+    dtype = None if options.dtype is None else getattr(torch, options.dtype)
+    runner = BlockRunner(reader, options.device, dtype)
+    hidden_bytes = (reader.num_blocks + 1) * input_ids.numel() * reader.config["hidden_size"] * runner.dtype.itemsize
+    on_gpu = runner.device.type == "cuda"
+    cache = HiddenStateCache(
+        runner.device,
+        device_budget_bytes=options.memory_budget // 2 if on_gpu else 0,
+        host_budget_bytes=options.memory_budget // 2,
+    )
+    runner.block_budget_bytes = max(0, options.memory_budget - min(hidden_bytes, options.memory_budget // 2))
+    return runner, cache
+
+
+def _search(scorer: CandidateScorer, reader: CheckpointReader, options: PruneOptions):
+    parity = options.preset == "reference"
+
+    def run(threshold: float) -> SearchResult:
+        return sliding_search(
+            scorer,
+            reader.num_blocks,
+            threshold,
+            parity=parity,
+            protect_top=1 if parity else options.protect_top,
+            protect_bottom=options.protect_bottom,
+            speculate=options.speculate,
+        )
+
+    if options.threshold is not None:
+        return run(options.threshold), {"mode": "threshold", "tried": [[options.threshold, None]]}
+    target = options.remove if options.remove is not None else blocks_for_ratio(reader, options.ratio)
+    low = -1.0 if options.criterion == "cosine" else 0.0
+    outcome = search_threshold(run, target, low=low, high=1.0)
+    log = {
+        "mode": "remove" if options.remove is not None else "ratio",
+        "target_blocks": target,
+        "exact": outcome.exact,
+        "reason": outcome.reason,
+        "tried": [list(t) for t in outcome.tried],
+    }
+    if options.ratio is not None:
+        log["target_ratio"] = options.ratio
+    return outcome.result, log
+
+
+def _report_json(reader, options, input_ids, search, threshold_log, scorer, timings) -> dict:
+    return {
+        "source": str(reader.folder.resolve()),
+        "options": asdict(options),
+        "threshold_search": threshold_log,
+        "search": search.to_json(),
+        "calibration": {
+            "corpus": options.calib,
+            "n_samples": options.n_samples,
+            "seq_len": options.seq_len,
+            "seed": options.seed,
+            "token_ids": input_ids.tolist(),
+        },
+        "forward_passes": scorer.forward_passes,
+        "blocks_loaded": scorer.runner.blocks_loaded,
+    }

@@ -1,0 +1,86 @@
+"""`slm-fast prune` end to end on a tiny random model: the report, the written checkpoint, targets."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import save_tiny_checkpoint, save_tiny_tokenizer, write_word_corpus
+from transformers import AutoModelForCausalLM
+
+from slm_fast.checkpoint.reader import CheckpointReader
+from slm_fast.cli import main
+from slm_fast.prune import PruneOptions, prune
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prune")
+    folder = save_tiny_checkpoint(root / "src", "llama", num_layers=10, shard="150KB")
+    save_tiny_tokenizer(folder)
+    write_word_corpus(root / "calib.txt")
+    return folder
+
+
+def options(source, **overrides):
+    base = dict(calib=str(source.parent / "calib.txt"), n_samples=4, seq_len=32, progress=False)
+    return PruneOptions(**(base | overrides))
+
+
+def test_prune_by_threshold_writes_checkpoint_and_report(source, tmp_path):
+    report = prune(source, tmp_path / "out", options(source, threshold=0.5, rule="mean"))
+    out = tmp_path / "out"
+    audit = json.loads((out / "slm_report.json").read_text())
+    assert audit["search"]["windows"] == [list(w) for w in report.windows]
+    assert report.blocks_after == 10 - audit["search"]["blocks_removed"] == CheckpointReader(out).num_blocks
+    assert len(audit["calibration"]["token_ids"]) == 4 and len(audit["calibration"]["token_ids"][0]) == 32
+    assert all({"lo", "hi", "similarity", "passed"} <= set(c) for c in audit["search"]["candidates"])
+    assert audit["peak_rss_bytes"] > 0 and set(audit["timings_s"]) == {"calibrate", "search", "write"}
+    passed = [c for c in audit["search"]["candidates"] if c["passed"]]
+    assert all(c["similarity"] > 0.5 for c in passed)
+    assert report.similarity is not None and report.similarity > 0.5
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == report.blocks_after
+    assert "tokenizer.json" in {p.name for p in out.iterdir()}
+
+
+def test_prune_to_a_block_count_is_exact_or_explained(source, tmp_path):
+    report = prune(source, tmp_path / "out", options(source, remove=3))
+    audit = json.loads((tmp_path / "out" / "slm_report.json").read_text())
+    search = audit["threshold_search"]
+    assert search["target_blocks"] == 3 and len(search["tried"]) >= 2
+    if search["exact"]:
+        assert report.blocks_before - report.blocks_after == 3
+    else:
+        assert "jumps from" in search["reason"]
+
+
+def test_same_calibration_gives_the_same_decisions(source, tmp_path):
+    a = prune(source, tmp_path / "a", options(source, threshold=0.4))
+    b = prune(source, tmp_path / "b", options(source, threshold=0.4, speculate=3))
+    assert a.windows == b.windows
+    ids_a = json.loads((tmp_path / "a" / "slm_report.json").read_text())["calibration"]["token_ids"]
+    ids_b = json.loads((tmp_path / "b" / "slm_report.json").read_text())["calibration"]["token_ids"]
+    assert ids_a == ids_b
+
+
+def test_cli_prune_summary_and_errors(source, tmp_path, capsys):
+    calib = str(source.parent / "calib.txt")
+    args = ["prune", str(source), str(tmp_path / "out"), "--calib", calib, "--samples", "3", "--seq-len", "16"]
+    assert main([*args, "--threshold", "0.6", "--no-progress"]) == 0
+    summary = capsys.readouterr().out
+    assert "pruned 10 ->" in summary and "parameters" in summary and "similarity" in summary
+    assert main([*args, "--threshold", "0.6", "--no-progress"]) == 2  # exists, no --overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert main([*args, "--ratio", "1.5", "--overwrite", "--no-progress"]) == 2
+    assert "--ratio must be in [0, 1)" in capsys.readouterr().err
+    assert main(["prune", str(source), str(source / "x"), "--threshold", "0.5", "--no-progress"]) == 2
+    assert "inside the source" in capsys.readouterr().err
+
+
+def test_reference_preset_fixes_its_settings(source, tmp_path):
+    opts = options(source, threshold=0.5, preset="reference", criterion="cka-rbf", rule="mean")
+    prune(source, tmp_path / "out", opts)
+    audit = json.loads((tmp_path / "out" / "slm_report.json").read_text())
+    assert audit["options"]["criterion"] == "cosine" and audit["options"]["rule"] == "keep_high_norms_low"
+    assert (audit["calibration"]["n_samples"], audit["calibration"]["seq_len"]) == (10, 128)
+    assert torch.tensor(audit["calibration"]["token_ids"]).shape == (10, 128)
