@@ -38,6 +38,7 @@ DEFAULT_SHARD_BYTES = 2 * 10**9
 class ExportResult:
     output: Path
     windows: list[Window]
+    dropped: list[int]
     block_sources: list[Window]
     rule: str
     source_blocks: int
@@ -62,6 +63,7 @@ def export_merged_checkpoint(
     output: str | Path,
     windows: list[Window],
     *,
+    dropped: list[int] | tuple[int, ...] = (),
     rule: str = "keep_high",
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -70,7 +72,8 @@ def export_merged_checkpoint(
     provenance: dict | None = None,
     extra_files: dict[str, str] | None = None,
 ) -> ExportResult:
-    """Merge each window [lo, hi] of `source` into one block at lo, renumber, and write to `output`.
+    """Merge each window [lo, hi] of `source` into one block at lo, leave out the `dropped` blocks,
+    renumber, and write to `output`.
 
     `dtype=None` keeps every tensor's dtype; otherwise floating tensors are stored in `dtype`.
     `provenance` adds fields to the slm_fast.json record; `extra_files` (name -> text) are written
@@ -80,7 +83,7 @@ def export_merged_checkpoint(
     reader = source if isinstance(source, CheckpointReader) else CheckpointReader(source)
     output = Path(output)
     check_rule(rule)
-    plan = output_blocks(windows, reader.num_blocks)
+    plan = output_blocks(windows, reader.num_blocks, dropped)
     check_output_location(reader.folder, output, overwrite=overwrite)
     layout = _layout(reader, plan, dtype)
     writer_total = sum(torch.empty((), dtype=dt).element_size() * _numel(shape) for _, dt, shape in layout)
@@ -112,6 +115,7 @@ def export_merged_checkpoint(
         result = ExportResult(
             output=output.resolve(),
             windows=[w for w in plan if w[0] != w[1]],
+            dropped=sorted(dropped),
             block_sources=plan,
             rule=rule,
             source_blocks=reader.num_blocks,
@@ -174,6 +178,7 @@ def _provenance(reader: CheckpointReader, result: ExportResult, dtype: torch.dty
         "source_blocks": reader.num_blocks,
         "output_blocks": len(result.block_sources),
         "windows": [list(w) for w in result.windows],
+        "dropped": result.dropped,
         "block_sources": [list(w) for w in result.block_sources],
         "rule": result.rule,
         "dtype": "keep" if dtype is None else str(dtype).removeprefix("torch."),

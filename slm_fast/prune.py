@@ -42,7 +42,7 @@ class PruneOptions:
     preset: str = "default"  # or "reference"
     criterion: str = "cosine"
     rule: str = "keep_high"
-    calib: str = "lambada"
+    calib: str = "austen:emma"  # novels, like the reference's BookCorpus; P&P stays held out
     n_samples: int = 10
     seq_len: int = 128
     seed: int = 1234

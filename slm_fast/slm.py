@@ -85,24 +85,38 @@ class CandidateScorer:
         self.runner, self.cache, self.reference = runner, cache, reference
         self.criterion, self.rule = criterion, rule
         self.on_evaluated = on_evaluated
-        self.scores: dict[tuple[Committed, Window], float] = {}
+        self.scores: dict[tuple[Committed, Window], float] = {}  # (committed above, window) -> score
         self.forward_passes = 0
 
     def score(self, committed: Committed, windows: list[Window]) -> list[float]:
-        """Scores of `windows` (all with the same hi, above none of `committed`), computed together."""
-        todo = [w for w in dict.fromkeys(windows) if (committed, w) not in self.scores]
+        """Scores of the models `committed` + one of `windows` (speculative extents sharing their top
+        block hi), computed in one pass. Committed windows lie above hi or inside the new window,
+        which then absorbs them (LaCo's loop re-merges merged layers); none may lie below it."""
+        hi = windows[0][1]
+        if any(w[1] != hi for w in windows):
+            raise ValueError(f"speculative windows must share their top block: {windows}")
+        lowest = min(lo for lo, _ in windows)
+        if any(w[0] < lowest <= w[1] or w[1] < lowest for w in committed):
+            raise ValueError(f"committed windows {committed} reach below candidate windows {windows}")
+        above = self._above(committed, hi)
+        todo = [w for w in dict.fromkeys(windows) if (above, w) not in self.scores]
         if todo:
-            hi = todo[0][1]
-            assert all(w[1] == hi for w in todo), "speculative windows share their top block"
             starts = [self.runner.apply(self.runner.block(w, self.rule), w[0], self.cache.get(w[0])) for w in todo]
-            hidden = self._run_above(torch.cat(starts), hi + 1, committed)
+            hidden = self._run_above(torch.cat(starts), hi + 1, above)
             outputs = self.runner.final_norm(hidden).split(self.reference.shape[0])
             for window, output in zip(todo, outputs, strict=True):
-                self.scores[(committed, window)] = similarity_to_reference(self.criterion, self.reference, output)
+                self.scores[(above, window)] = similarity_to_reference(self.criterion, self.reference, output)
             self.forward_passes += len(todo)
             if self.on_evaluated is not None:
                 self.on_evaluated(len(todo))
-        return [self.scores[(committed, w)] for w in windows]
+        return [self.scores[(above, w)] for w in windows]
+
+    def cached_score(self, committed: Committed, window: Window) -> float:
+        return self.scores[(self._above(committed, window[1]), window)]
+
+    @staticmethod
+    def _above(committed: Committed, hi: int) -> Committed:
+        return tuple(sorted(w for w in committed if w[0] > hi))
 
     def _run_above(self, hidden: Tensor, start: int, committed: Committed) -> Tensor:
         tops = {lo: hi for lo, hi in committed}
@@ -147,7 +161,7 @@ def sliding_search(
             hi = lo
             if parity:  # the reference re-evaluates the committed model as the no-op window [lo, lo]
                 result.candidates.append(
-                    Candidate(lo, lo, scorer.scores[(committed[:-1], committed[-1])], True, "no-op")
+                    Candidate(lo, lo, scorer.cached_score(committed[:-1], committed[-1]), True, "no-op")
                 )
             lo -= 1
         else:
@@ -158,7 +172,7 @@ def sliding_search(
         result.candidates[-1].note = "committed at the bottom of the scan"
     result.windows = list(committed)
     if committed:  # the last committed window was scored on top of all the others
-        result.similarity = scorer.scores[(committed[:-1], committed[-1])]
+        result.similarity = scorer.cached_score(committed[:-1], committed[-1])
     return result
 
 

@@ -41,14 +41,24 @@ def validate_windows(windows: Iterable[Window], num_blocks: int) -> list[Window]
     return ordered
 
 
-def output_blocks(windows: Iterable[Window], num_blocks: int) -> list[Window]:
-    """The source window of every output block: merged windows and untouched blocks as (i, i)."""
+def output_blocks(windows: Iterable[Window], num_blocks: int, dropped: Iterable[int] = ()) -> list[Window]:
+    """The source window of every output block: merged windows, and untouched blocks as (i, i);
+    blocks in `dropped` (outside every window) are left out."""
     merged = {lo: hi for lo, hi in validate_windows(windows, num_blocks)}
+    dropped = set(dropped)
+    for block in sorted(dropped):
+        if not 0 <= block < num_blocks:
+            raise WindowError(f"dropped block {block} is out of range: blocks are 0..{num_blocks - 1}")
+        if any(lo <= block <= hi for lo, hi in merged.items()):
+            raise WindowError(f"dropped block {block} lies inside a merge window")
     plan, block = [], 0
     while block < num_blocks:
         hi = merged.get(block, block)
-        plan.append((block, hi))
+        if block not in dropped:
+            plan.append((block, hi))
         block = hi + 1
+    if not plan:
+        raise WindowError("every block would be dropped")
     return plan
 
 

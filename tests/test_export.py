@@ -113,3 +113,16 @@ def test_merge_all_windows_keep_low_equals_dropping_blocks(tmp_path):
     for position, block in enumerate([0, 1, 2, 5]):
         for name, tensor in out.read_block(position).items():
             assert torch.equal(tensor, src.read_block(block)[name])
+
+
+def test_dropped_blocks_are_left_out(tmp_path):
+    source = save_tiny_checkpoint(tmp_path / "src", "qwen2", num_layers=6)  # blocks 3..5 slide
+    result = export_merged_checkpoint(source, tmp_path / "out", [(0, 1)], dropped=[3, 5], rule="mean", progress=False)
+    assert result.block_sources == [(0, 1), (2, 2), (4, 4)] and result.dropped == [3, 5]
+    src, out = CheckpointReader(source), CheckpointReader(tmp_path / "out")
+    for position, block in ((1, 2), (2, 4)):
+        for name, tensor in out.read_block(position).items():
+            assert torch.equal(tensor, src.read_block(block)[name])
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["layer_types"] == ["full_attention", "full_attention", "sliding_attention"]
+    assert json.loads((tmp_path / "out" / "slm_fast.json").read_text())["dropped"] == [3, 5]

@@ -29,3 +29,13 @@ def test_parse_and_plan():
 def test_bad_windows(text, message):
     with pytest.raises(WindowError, match=message):
         output_blocks(parse_windows(text), 30)
+
+
+def test_dropped_blocks():
+    assert output_blocks([(2, 4)], 8, dropped=[0, 6]) == [(1, 1), (2, 4), (5, 5), (7, 7)]
+    with pytest.raises(WindowError, match="dropped block 3 lies inside a merge window"):
+        output_blocks([(2, 4)], 8, dropped=[3])
+    with pytest.raises(WindowError, match="dropped block 8 is out of range"):
+        output_blocks([], 8, dropped=[8])
+    with pytest.raises(WindowError, match="every block would be dropped"):
+        output_blocks([], 2, dropped=[0, 1])
