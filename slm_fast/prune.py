@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from slm_fast import baselines
+from slm_fast.baselines import LACO_RULE, METHODS
 from slm_fast.checkpoint.reader import CheckpointReader
 from slm_fast.checkpoint.staging import check_output_location
 from slm_fast.criteria import check_criterion
@@ -27,9 +29,10 @@ from slm_fast.merge import check_rule
 from slm_fast.runtime.cache import HiddenStateCache
 from slm_fast.runtime.stream import BlockRunner, calibrate
 from slm_fast.slm import CandidateScorer, SearchResult, search_threshold, sliding_search
-from slm_fast.windows import format_windows
+from slm_fast.windows import Window, format_windows, output_blocks
 
 REPORT_NAME = "slm_report.json"
+THRESHOLD_METHODS = ("slm", "laco")
 # What the reference code fixes (slm_reference.md sections 1-3); `--preset reference` applies them all.
 REFERENCE_PRESET = dict(criterion="cosine", rule="keep_high_norms_low", n_samples=10, seq_len=128, seed=1234)
 
@@ -40,6 +43,9 @@ class PruneOptions:
     remove: int | None = None
     ratio: float | None = None
     preset: str = "default"  # or "reference"
+    method: str = "slm"  # or one of the baselines: shortgpt, gromov, laco, last-n
+    laco_merge_layers: int = 2  # LaCo's MERGE_LAYERS: layers folded into the one below per merge
+    laco_interval: int = 1  # LaCo's INTERVAL
     criterion: str = "cosine"
     rule: str = "keep_high"
     calib: str = "austen:emma"  # novels, like the reference's BookCorpus; P&P stays held out
@@ -57,12 +63,23 @@ class PruneOptions:
     overwrite: bool = False
     progress: bool = True
 
+    @property
+    def merge_rule(self) -> str:
+        """LaCo merges by its code's effective rule; SLM by the rule chosen."""
+        return LACO_RULE if self.method == "laco" else self.rule
+
     def validated(self) -> PruneOptions:
         targets = [t for t in (self.threshold, self.remove, self.ratio) if t is not None]
         if len(targets) != 1:
             raise InputError("give exactly one of --threshold, --remove and --ratio")
         if self.preset not in ("default", "reference"):
             raise InputError(f"unknown preset {self.preset!r}; choose default or reference")
+        if self.method not in METHODS:
+            raise InputError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.preset == "reference" and self.method != "slm":
+            raise InputError(f"--preset reference applies to --method slm, not {self.method}")
+        if self.threshold is not None and self.method not in THRESHOLD_METHODS:
+            raise InputError(f"--method {self.method} ranks blocks: give --remove or --ratio, not --threshold")
         if self.remove is not None and self.remove < 0:
             raise InputError(f"--remove must be >= 0, got {self.remove}")
         if self.ratio is not None and not 0 <= self.ratio < 1:
@@ -77,7 +94,9 @@ class PruneOptions:
 @dataclass
 class PruneReport:
     output: Path
-    windows: list[tuple[int, int]]
+    method: str
+    windows: list[Window]
+    dropped: list[int]
     blocks_before: int
     blocks_after: int
     parameters_before: int
@@ -86,9 +105,12 @@ class PruneReport:
     seconds: float
 
     def summary(self) -> str:
-        similarity = "n/a (no window merged)" if self.similarity is None else f"{self.similarity:.4f}"
+        similarity = "n/a (nothing removed)" if self.similarity is None else f"{self.similarity:.4f}"
+        removed = f"windows {format_windows(self.windows)}"
+        if self.dropped:
+            removed += f", dropped blocks {', '.join(map(str, self.dropped))}"
         return (
-            f"pruned {self.blocks_before} -> {self.blocks_after} blocks, windows {format_windows(self.windows)}; "
+            f"{self.method}: pruned {self.blocks_before} -> {self.blocks_after} blocks, {removed}; "
             f"parameters {self.parameters_before / 1e6:,.1f}M -> {self.parameters_after / 1e6:,.1f}M "
             f"({1 - self.parameters_after / self.parameters_before:.1%} fewer); similarity {similarity}; "
             f"{self.seconds:.1f} s; wrote {self.output}"
@@ -115,41 +137,44 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
         tick = time.perf_counter()
         bar = tqdm(desc="candidates", unit="cand", disable=not options.progress)
         scorer = CandidateScorer(
-            runner, cache, reference, criterion=options.criterion, rule=options.rule, on_evaluated=bar.update
+            runner, cache, reference, criterion=options.criterion, rule=options.merge_rule, on_evaluated=bar.update
         )
-        search, threshold_log = _search(scorer, reader, options)
+        selection = _select(scorer, cache, reader, options)
         bar.close()
         timings["search"] = time.perf_counter() - tick
     finally:
         cache.close()
 
     tick = time.perf_counter()
-    report = _report_json(reader, options, input_ids, search, threshold_log, scorer, timings)
     exported = export_merged_checkpoint(
         reader,
         output,
-        search.windows,
-        rule=options.rule,
+        selection.windows,
+        dropped=selection.dropped,
+        rule=selection.rule,
         dtype=None if options.out_dtype is None else getattr(torch, options.out_dtype),
         max_shard_bytes=options.shard_size,
         overwrite=options.overwrite,
         progress=options.progress,
-        provenance={"report": REPORT_NAME, "criterion": options.criterion, "threshold": search.threshold},
+        provenance={"report": REPORT_NAME, "method": options.method, "criterion": options.criterion},
         extra_files={REPORT_NAME: ""},
     )
     timings["write"] = time.perf_counter() - tick
+    report = _report_json(reader, options, input_ids, selection, scorer)
     report["timings_s"] = timings
     report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report["parameters"] = {"before": exported.parameters_before, "after": exported.parameters_after}
     (exported.output / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
     return PruneReport(
         output=exported.output,
-        windows=sorted(search.windows),
+        method=options.method,
+        windows=sorted(selection.windows),
+        dropped=selection.dropped,
         blocks_before=reader.num_blocks,
         blocks_after=len(exported.block_sources),
         parameters_before=exported.parameters_before,
         parameters_after=exported.parameters_after,
-        similarity=search.similarity,
+        similarity=selection.similarity,
         seconds=time.perf_counter() - started,
     )
 
@@ -162,13 +187,6 @@ def calibration_ids(folder: Path, options: PruneOptions) -> torch.Tensor:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     corpus = load_corpus(options.calib)
     return sample_calibration(tokenizer, corpus, options.n_samples, options.seq_len, options.seed)
-
-
-def blocks_for_ratio(reader: CheckpointReader, ratio: float) -> int:
-    """Blocks to remove so that the removed parameters are closest to `ratio` of the model's."""
-    total = sum(math.prod(loc.entry.shape) for loc in reader.locations.values())
-    per_block = sum(math.prod(reader.entry(reader.full_name(0, n)).shape) for n in reader.block_tensor_names(0))
-    return round(ratio * total / per_block)
 
 
 def _runtime(reader: CheckpointReader, options: PruneOptions, input_ids: torch.Tensor):
@@ -185,10 +203,48 @@ def _runtime(reader: CheckpointReader, options: PruneOptions, input_ids: torch.T
     return runner, cache
 
 
-def _search(scorer: CandidateScorer, reader: CheckpointReader, options: PruneOptions):
+@dataclass
+class Selection:
+    """What a method decided: windows to merge (by `rule`) and blocks to drop, and why."""
+
+    windows: list[Window]
+    dropped: list[int]
+    rule: str
+    similarity: float | None
+    details: dict
+
+
+def _select(scorer: CandidateScorer, cache, reader: CheckpointReader, options: PruneOptions) -> Selection:
+    if options.method in THRESHOLD_METHODS:
+        search, log = _threshold_search(scorer, reader, options)
+        details = {"threshold_search": log, "search": search.to_json()}
+        return Selection(search.windows, [], options.merge_rule, search.similarity, details)
+    count = _target_blocks(reader, options)
+    if options.method == "shortgpt":
+        scores = baselines.shortgpt_scores(cache, reader.num_blocks)
+        dropped, details = baselines.shortgpt_blocks(scores, count), {"block_influence": scores}
+    elif options.method == "gromov":
+        distances = baselines.gromov_distances(cache, reader.num_blocks, count)
+        dropped, details = baselines.gromov_blocks(distances, count), {"angular_distance": distances}
+    else:
+        dropped, details = baselines.last_n_blocks(reader.num_blocks, count), {}
+    plan = output_blocks([], reader.num_blocks, dropped)
+    similarity = scorer.score_plan(plan) if dropped else None
+    return Selection([], dropped, options.rule, similarity, details | {"target_blocks": count})
+
+
+def _threshold_search(scorer: CandidateScorer, reader: CheckpointReader, options: PruneOptions):
     parity = options.preset == "reference"
 
     def run(threshold: float) -> SearchResult:
+        if options.method == "laco":
+            return baselines.laco_search(
+                scorer,
+                reader.num_blocks,
+                threshold,
+                merge_layers=options.laco_merge_layers,
+                interval=options.laco_interval,
+            )
         return sliding_search(
             scorer,
             reader.num_blocks,
@@ -201,7 +257,7 @@ def _search(scorer: CandidateScorer, reader: CheckpointReader, options: PruneOpt
 
     if options.threshold is not None:
         return run(options.threshold), {"mode": "threshold", "tried": [[options.threshold, None]]}
-    target = options.remove if options.remove is not None else blocks_for_ratio(reader, options.ratio)
+    target = _target_blocks(reader, options)
     low = -1.0 if options.criterion == "cosine" else 0.0
     outcome = search_threshold(run, target, low=low, high=1.0)
     log = {
@@ -216,12 +272,24 @@ def _search(scorer: CandidateScorer, reader: CheckpointReader, options: PruneOpt
     return outcome.result, log
 
 
-def _report_json(reader, options, input_ids, search, threshold_log, scorer, timings) -> dict:
+def _target_blocks(reader: CheckpointReader, options: PruneOptions) -> int:
+    if options.remove is not None:
+        return options.remove
+    total = sum(math.prod(loc.entry.shape) for loc in reader.locations.values())
+    per_block = sum(math.prod(reader.entry(reader.full_name(0, n)).shape) for n in reader.block_tensor_names(0))
+    return baselines.blocks_for_ratio(total, per_block, options.ratio)
+
+
+def _report_json(reader, options, input_ids, selection: Selection, scorer: CandidateScorer) -> dict:
     return {
         "source": str(reader.folder.resolve()),
+        "method": options.method,
         "options": asdict(options),
-        "threshold_search": threshold_log,
-        "search": search.to_json(),
+        "windows": [list(w) for w in sorted(selection.windows)],
+        "dropped": selection.dropped,
+        "rule": selection.rule,
+        "similarity": selection.similarity,
+        **selection.details,
         "calibration": {
             "corpus": options.calib,
             "n_samples": options.n_samples,

@@ -111,6 +111,19 @@ class CandidateScorer:
                 self.on_evaluated(len(todo))
         return [self.scores[(above, w)] for w in windows]
 
+    def score_plan(self, block_sources: list[Window]) -> float:
+        """Score of any pruned model given as the source window of each output block (dropped blocks
+        simply absent): it runs from the lowest boundary where the plan departs from the original."""
+        start = next(
+            (position for position, window in enumerate(block_sources) if window != (position, position)),
+            len(block_sources),
+        )
+        hidden = self.cache.get(start)
+        for lo, hi in block_sources[start:]:
+            hidden = self.runner.apply(self.runner.block((lo, hi), self.rule), lo, hidden)
+        self.forward_passes += 1
+        return similarity_to_reference(self.criterion, self.reference, self.runner.final_norm(hidden))
+
     def cached_score(self, committed: Committed, window: Window) -> float:
         return self.scores[(self._above(committed, window[1]), window)]
 

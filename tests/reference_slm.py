@@ -63,3 +63,22 @@ def reference_slm(model, input_ids: torch.Tensor, threshold: float) -> list[tupl
             hi -= 1
             lo -= 1
     return windows
+
+
+def reference_laco(model, input_ids: torch.Tensor, threshold: float, merge_layers: int, interval: int = 1):
+    """LaCo's notebook loop (reference/peers.md 2.2) on the whole model, in current-layer numbering:
+    HIGHEST_LAY = L-1, LOWEST_LAY = 0; returns the final merged model."""
+    reference = final_hidden(model, input_ids)
+    current = model
+    lay = model.config.num_hidden_layers - 1 - merge_layers
+    while lay >= 0:
+        lay = min(lay, current.config.num_hidden_layers - 1 - merge_layers)
+        if lay < 0:
+            break
+        candidate = merge_layers_return_model(current, lay, lay + merge_layers)
+        if cal_sim(reference, candidate, input_ids) > threshold:
+            current = candidate
+            lay -= interval
+        else:
+            lay -= 1
+    return current

@@ -30,7 +30,7 @@ def test_prune_by_threshold_writes_checkpoint_and_report(source, tmp_path):
     report = prune(source, tmp_path / "out", options(source, threshold=0.5, rule="mean"))
     out = tmp_path / "out"
     audit = json.loads((out / "slm_report.json").read_text())
-    assert audit["search"]["windows"] == [list(w) for w in report.windows]
+    assert audit["windows"] == audit["search"]["windows"] == [list(w) for w in report.windows]
     assert report.blocks_after == 10 - audit["search"]["blocks_removed"] == CheckpointReader(out).num_blocks
     assert len(audit["calibration"]["token_ids"]) == 4 and len(audit["calibration"]["token_ids"][0]) == 32
     assert all({"lo", "hi", "similarity", "passed"} <= set(c) for c in audit["search"]["candidates"])
@@ -68,7 +68,7 @@ def test_cli_prune_summary_and_errors(source, tmp_path, capsys):
     args = ["prune", str(source), str(tmp_path / "out"), "--calib", calib, "--samples", "3", "--seq-len", "16"]
     assert main([*args, "--threshold", "0.6", "--no-progress"]) == 0
     summary = capsys.readouterr().out
-    assert "pruned 10 ->" in summary and "parameters" in summary and "similarity" in summary
+    assert "slm: pruned 10 ->" in summary and "parameters" in summary and "similarity" in summary
     assert main([*args, "--threshold", "0.6", "--no-progress"]) == 2  # exists, no --overwrite
     assert "already exists" in capsys.readouterr().err
     assert main([*args, "--ratio", "1.5", "--overwrite", "--no-progress"]) == 2

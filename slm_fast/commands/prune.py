@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from slm_fast.baselines import METHODS
 from slm_fast.checkpoint.writer import parse_size
 from slm_fast.criteria import CRITERIA
 from slm_fast.merge import RULES
@@ -36,6 +37,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="default",
         help="reference: the paper code's exact procedure (cosine, keep_high_norms_low, 10x128 tokens, its edge cases)",
     )
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default=defaults.method,
+        help="slm, or a peer baseline: shortgpt (block influence), gromov (angular distance), laco, last-n",
+    )
+    parser.add_argument("--laco-merge-layers", type=int, default=defaults.laco_merge_layers, help="LaCo's MERGE_LAYERS")
+    parser.add_argument("--laco-interval", type=int, default=defaults.laco_interval, help="LaCo's INTERVAL")
     parser.add_argument("--criterion", choices=CRITERIA, default=defaults.criterion)
     parser.add_argument("--rule", choices=RULES, default=defaults.rule, help="merge rule")
     parser.add_argument("--calib", default=defaults.calib, help="calibration corpus name or .txt/.jsonl path")
@@ -68,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
         remove=args.remove,
         ratio=args.ratio,
         preset=args.preset,
+        method=args.method,
+        laco_merge_layers=args.laco_merge_layers,
+        laco_interval=args.laco_interval,
         criterion=args.criterion,
         rule=args.rule,
         calib=args.calib,

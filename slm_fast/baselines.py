@@ -1,0 +1,104 @@
+"""The peers' depth-pruning methods, computed from the same block-streamed calibration as SLM so that
+the comparison differs only in the method (reference/peers.md section 2):
+
+- ShortGPT (2403.03853): block influence BI_i = 1 - cos(h_i, h_{i+1}) per token, averaged over every
+  calibration token; the n blocks of lowest BI are removed.
+- Gromov et al. (2403.17887): angular distance arccos(cos(h_l, h_{l+n})) / pi on each sample's last
+  token, averaged over samples; the contiguous blocks l*..l*+n-1 of smallest distance are removed.
+- LaCo (2402.11187): its collapse loop as published, from the top down in the current model's
+  numbering: merge MERGE_LAYERS layers into the layer below them while the cosine of the final outputs
+  stays above the threshold (a merged layer can be merged again), with the effective rule of its code
+  (the top layer's projections, the bottom layer's norms: keep_high_norms_low).
+- last-n: drop the n blocks just below the final one.
+
+h_i is the residual stream at block boundary i (the input of block i; h_L the last block's output,
+before the final norm), read from the calibration cache. The peers' code takes Hugging Face's
+hidden_states, whose last entry is after the final norm; that differs only for the last block.
+"""
+
+from __future__ import annotations
+
+import math
+
+from slm_fast.errors import InputError
+from slm_fast.runtime.cache import HiddenStateCache
+from slm_fast.similarity import angular_distance, block_influence
+from slm_fast.slm import Candidate, CandidateScorer, SearchResult
+from slm_fast.windows import Window
+
+METHODS = ("slm", "shortgpt", "gromov", "laco", "last-n")
+LACO_RULE = "keep_high_norms_low"
+
+
+def shortgpt_scores(cache: HiddenStateCache, num_blocks: int) -> list[float]:
+    """Block influence of every block (lower = more redundant)."""
+    return [block_influence(cache.get(i), cache.get(i + 1)).item() for i in range(num_blocks)]
+
+
+def shortgpt_blocks(scores: list[float], remove: int) -> list[int]:
+    _check_count(remove, len(scores))
+    return sorted(sorted(range(len(scores)), key=scores.__getitem__)[:remove])
+
+
+def gromov_distances(cache: HiddenStateCache, num_blocks: int, n: int) -> list[float]:
+    """Mean last-token angular distance between h_l and h_{l+n} for every l = 0..L-n."""
+    _check_count(n, num_blocks)
+    return [angular_distance(cache.get(l), cache.get(l + n)).mean().item() for l in range(num_blocks - n + 1)]
+
+
+def gromov_blocks(distances: list[float], n: int) -> list[int]:
+    start = min(range(len(distances)), key=distances.__getitem__)
+    return list(range(start, start + n))
+
+
+def last_n_blocks(num_blocks: int, n: int) -> list[int]:
+    _check_count(n, num_blocks - 1)
+    return list(range(num_blocks - 1 - n, num_blocks - 1))
+
+
+def laco_search(
+    scorer: CandidateScorer,
+    num_blocks: int,
+    threshold: float,
+    *,
+    merge_layers: int = 2,
+    interval: int = 1,
+    highest: int | None = None,
+    lowest: int = 0,
+) -> SearchResult:
+    """LaCo's loop (its notebook's `while lay >= LOWEST_LAY`), tracked in source block numbering: each
+    current layer is a source window, and merging current layers lay..lay+C is the source window from
+    the lowest's bottom to the highest's top (keep_high_norms_low composes that way)."""
+    if merge_layers < 1 or interval < 1:
+        raise InputError(f"LaCo needs merge_layers >= 1 and interval >= 1, got {merge_layers} and {interval}")
+    highest = num_blocks - 1 if highest is None else highest
+    layers: list[Window] = [(i, i) for i in range(num_blocks)]
+    result = SearchResult(threshold=threshold, windows=[])
+    lay = highest - merge_layers
+    while lay >= lowest:
+        lay = min(lay, len(layers) - 1 - merge_layers)
+        if lay < lowest:
+            break
+        window = (layers[lay][0], layers[lay + merge_layers][1])
+        committed = tuple(w for w in layers if w[0] != w[1])
+        similarity = scorer.score(committed, [window])[0]
+        passed = similarity > threshold
+        result.candidates.append(Candidate(*window, similarity, passed))
+        if passed:
+            layers[lay : lay + merge_layers + 1] = [window]
+            result.similarity = similarity
+            lay -= interval
+        else:
+            lay -= 1
+    result.windows = [w for w in layers if w[0] != w[1]]
+    return result
+
+
+def _check_count(n: int, available: int) -> None:
+    if not 0 <= n <= available:
+        raise InputError(f"cannot remove {n} blocks: 0..{available} are possible here")
+
+
+def blocks_for_ratio(total_parameters: int, block_parameters: int, ratio: float) -> int:
+    """Blocks to remove so that the removed parameters are closest to `ratio` of the model's."""
+    return math.floor(ratio * total_parameters / block_parameters + 0.5)
