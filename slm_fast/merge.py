@@ -76,7 +76,8 @@ def merge_window(
     if rule == "mean":
         for acc in total.values():
             acc /= hi - lo + 1
-    return {name: acc.to(out_dtype or base[name].dtype) for name, acc in total.items()}
+    # Cast one tensor at a time, releasing its float32 sum: peak stays at one float32 block.
+    return {name: total.pop(name).to(out_dtype or base[name].dtype) for name in list(total)}
 
 
 def _cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
