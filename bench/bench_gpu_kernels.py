@@ -1,0 +1,186 @@
+"""GPU benchmark of the kernel-sums backends (tiled torch, Triton, CUDA C++) for streaming RBF CKA.
+
+Three measurements, each backend that can run on the device against the same baseline in the same run:
+
+1. throughput: the fused RBF kernel sums of L = 2 bf16 layers (the sliding search's case: one cross
+   pair, symmetric) at d = 8192, as effective TFLOP/s = 2 n^2 d L / time, next to torch.matmul's bf16
+   TFLOP/s for X X^T of the same shape (2 n^2 d / time). The target is at least half of matmul.
+   Effective flops count the full n x n kernel; the backends visit only tiles J >= I.
+2. largest n at d = 8192 (Llama-70B width), L = 2: n doubles from --start-n until the device runs out
+   of memory or the next run would exceed --max-seconds (predicted as 4x the last one).
+3. all pairs of 80 layers at n = 16384 tokens, d = 8192: every (a, b) with a <= b.
+
+    python bench/bench_gpu_kernels.py [--quick] [--backends tiled triton cuda] [--json out.json]
+
+--quick runs small shapes (a smoke test on any GPU). On a machine without CUDA it prints why and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from slm_fast.kernels import BACKEND_MODULES
+
+TFLOP = 1e12
+
+
+def _seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of fn() over `repeats` runs after one warm-up run (compilation, autotuning)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _layers(n_layers: int, n: int, d: int) -> list[torch.Tensor]:
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    return [torch.randn(n, d, device="cuda", dtype=torch.bfloat16, generator=generator) for _ in range(n_layers)]
+
+
+def _rbf_call(module, layers: list[torch.Tensor], pairs: torch.Tensor) -> Callable[[], object]:
+    gammas = [1.0 / (2.0 * x.shape[1]) for x in layers]
+    return lambda: module.kernel_sums(layers, None, kernel="rbf", gammas=gammas, pairs=pairs)
+
+
+def _backends(names: list[str]) -> dict[str, object]:
+    modules = {}
+    for name in names:
+        try:
+            module = importlib.import_module(BACKEND_MODULES[name])
+        except ImportError as exc:
+            print(f"  {name}: not importable ({exc})")
+            continue
+        reason = module.unavailable_reason("cuda")
+        if reason is None:
+            modules[name] = module
+        else:
+            print(f"  {name}: skipped ({reason})")
+    return modules
+
+
+def _free_memory() -> None:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def throughput(backends: dict[str, object], sizes: list[int], d: int, repeats: int) -> list[dict]:
+    results = []
+    for n in sizes:
+        layers = _layers(2, n, d)
+        matmul_s = _seconds(lambda x=layers[0]: x @ x.T, repeats)
+        matmul_tflops = 2 * n * n * d / matmul_s / TFLOP
+        row = {"n": n, "d": d, "layers": 2, "matmul_bf16_tflops": matmul_tflops, "backends": {}}
+        for name, module in backends.items():
+            _free_memory()
+            seconds = _seconds(_rbf_call(module, layers, torch.tensor([[0, 1]])), repeats)
+            effective = 2 * n * n * d * 2 / seconds / TFLOP
+            row["backends"][name] = {
+                "seconds": seconds,
+                "effective_tflops": effective,
+                "fraction_of_matmul": effective / matmul_tflops,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            }
+            print(
+                f"  n={n:>7} d={d}: {name:>6} {seconds * 1e3:9.2f} ms  {effective:7.1f} TFLOP/s effective"
+                f"  = {effective / matmul_tflops:5.2f} x matmul bf16 ({matmul_tflops:.1f} TFLOP/s)"
+            )
+        results.append(row)
+        del layers
+        _free_memory()
+    return results
+
+
+def largest_n(backends: dict[str, object], d: int, start_n: int, max_seconds: float) -> dict[str, dict]:
+    results = {}
+    for name, module in backends.items():
+        n, best = start_n, None
+        while True:
+            try:
+                _free_memory()
+                layers = _layers(2, n, d)
+                seconds = _seconds(_rbf_call(module, layers, torch.tensor([[0, 1]])), repeats=1)
+            except torch.cuda.OutOfMemoryError:
+                print(f"  {name:>6}: out of memory at n={n}")
+                break
+            finally:
+                layers = None
+            best = {"n": n, "seconds": seconds, "effective_tflops": 2 * n * n * d * 2 / seconds / TFLOP}
+            print(f"  {name:>6}: n={n:>8} d={d} in {seconds:8.2f} s")
+            if 4 * seconds > max_seconds:
+                break
+            n *= 2
+        results[name] = best
+        _free_memory()
+    return results
+
+
+def all_pairs(backends: dict[str, object], n_layers: int, n: int, d: int) -> dict[str, dict]:
+    results = {}
+    layers = _layers(n_layers, n, d)
+    pairs = torch.tensor([[a, b] for a in range(n_layers) for b in range(a, n_layers)])
+    for name, module in backends.items():
+        try:
+            _free_memory()
+            seconds = _seconds(_rbf_call(module, layers, pairs), repeats=1)
+        except torch.cuda.OutOfMemoryError:
+            print(f"  {name:>6}: out of memory")
+            continue
+        results[name] = {
+            "seconds": seconds,
+            "effective_tflops": 2 * n * n * d * n_layers / seconds / TFLOP,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        }
+        print(f"  {name:>6}: {n_layers} layers, {len(pairs)} pairs, n={n} d={d} in {seconds:.2f} s")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", nargs="+", default=list(BACKEND_MODULES), choices=list(BACKEND_MODULES))
+    parser.add_argument("--quick", action="store_true", help="small shapes: a smoke test of the benchmark")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-seconds", type=float, default=120.0, help="time cap of one run in the n sweep")
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("bench_gpu_kernels: no CUDA device is visible to torch; this benchmark needs a GPU (nothing run)")
+        return 0
+    d = 1024 if args.quick else 8192
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    backends = _backends(args.backends)
+    if not backends:
+        print("no backend can run on this device")
+        return 1
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "d": d}
+    print("1. throughput (RBF, 2 layers, 1 cross pair, bf16)")
+    report["throughput"] = throughput(backends, [2048, 4096] if args.quick else [8192, 16384, 32768], d, args.repeats)
+    print("2. largest n")
+    report["largest_n"] = largest_n(backends, d, 4096 if args.quick else 32768, 5.0 if args.quick else args.max_seconds)
+    print("3. all pairs")
+    n_layers, n = (8, 2048) if args.quick else (80, 16384)
+    report["all_pairs"] = all_pairs(backends, n_layers, n, d)
+    report["all_pairs_shape"] = {"layers": n_layers, "n": n, "d": d}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

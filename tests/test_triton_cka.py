@@ -1,0 +1,264 @@
+"""The Triton backend (slm_fast/kernels/triton_cka.py) against the plain-torch oracle of the
+kernel-sums contract. Without a GPU the kernels run in Triton's interpreter (conftest sets
+TRITON_INTERPRET=1) at small sizes with 16-token tiles, so ragged edges and several tiles are cheap."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from kernel_sums_oracle import oracle_kernel_sums
+
+from slm_fast.errors import InputError
+from slm_fast.kernels import load_backend
+
+triton_cka = pytest.importorskip("slm_fast.kernels.triton_cka")
+if triton_cka.unavailable_reason("cuda" if torch.cuda.is_available() else "cpu") is not None:
+    pytest.skip("the Triton backend cannot run here", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+VARIANTS = {
+    "band": triton_cka.band_kernel_sums,
+    "all_pairs": triton_cka.all_pairs_kernel_sums,
+    "auto": triton_cka.kernel_sums,
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _layers(n_tokens: int, widths: list[int], dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(n_tokens, d, generator=generator).to(DEVICE, dtype) for d in widths]
+
+
+def _gammas(widths: list[int]) -> list[float]:
+    """About 1 / (mean squared distance) of standard normal rows, so kernel values spread over (0, 1)."""
+    return [1.0 / (2.0 * d) for d in widths]
+
+
+def _assert_matches_oracle(got, rows, cols, kernel, gammas, pairs, rtol=2e-5):
+    want = oracle_kernel_sums(
+        [r.cpu() for r in rows],
+        None if cols is None else [c.cpu() for c in cols],
+        kernel=kernel,
+        gammas=gammas,
+        pairs=pairs,
+    )
+    for name, g, w in zip(("frob", "row_sums", "col_sums"), got, want, strict=True):
+        assert g.dtype == torch.float64, name
+        assert g.shape == w.shape, name
+        scale = w.abs().max().item() if w.numel() else 1.0
+        torch.testing.assert_close(g.cpu(), w, rtol=rtol, atol=rtol * scale, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "rectangular"])
+def test_matches_oracle(variant, dtype, kernel, symmetric):
+    """Three layers of different widths (none a multiple of the d chunk), ragged token counts over
+    several 16-token tiles, self pairs, cross pairs in both orders and a repeated pair."""
+    widths = [20, 33, 48]
+    rows = _layers(37, widths, dtype, seed=1)
+    cols = None if symmetric else _layers(21, widths, dtype, seed=2)
+    gammas = _gammas(widths) if kernel == "rbf" else None
+    pairs = torch.tensor([[0, 1], [1, 2], [0, 0], [2, 1], [2, 2], [0, 1]])
+    got = VARIANTS[variant](rows, cols, kernel=kernel, gammas=gammas, pairs=pairs)
+    _assert_matches_oracle(got, rows, cols, kernel, gammas, pairs)
+
+
+@pytest.mark.parametrize("variant", ["band", "all_pairs"])
+@pytest.mark.parametrize(
+    ("m", "k", "block"),
+    [(5, 3, 16), (5, None, 16), (16, None, 16), (17, 40, 32), (1, None, 16)],
+    ids=["below-tile", "below-tile-sym", "one-full-tile", "ragged-32", "one-token"],
+)
+def test_sizes_and_tiles(variant, m, k, block):
+    rows = _layers(m, [24], torch.float32, seed=3)
+    cols = None if k is None else _layers(k, [24], torch.float32, seed=4)
+    pairs = torch.tensor([[0, 0]])
+    got = VARIANTS[variant](rows, cols, kernel="rbf", gammas=[0.02], pairs=pairs, block_size=block)
+    _assert_matches_oracle(got, rows, cols, "rbf", [0.02], pairs)
+
+
+@pytest.mark.parametrize("variant", ["band", "all_pairs"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "rectangular"])
+def test_chunked_partials_and_staging(monkeypatch, variant, symmetric):
+    """Budgets small enough that every row tile is its own chunk and the staged tiles go in batches
+    of three tile pairs: the float64 reductions across chunks and batches must not change the sums."""
+    monkeypatch.setattr(triton_cka, "PARTIALS_BYTES", 1)
+    monkeypatch.setattr(triton_cka, "STAGED_TILES_BYTES", 3 * 2 * 16 * 16 * 4)
+    widths = [16, 24]
+    rows = _layers(50, widths, torch.float32, seed=5)
+    cols = None if symmetric else _layers(35, widths, torch.float32, seed=6)
+    pairs = torch.tensor([[0, 1], [1, 1], [0, 0]])
+    got = VARIANTS[variant](rows, cols, kernel="rbf", gammas=_gammas(widths), pairs=pairs)
+    _assert_matches_oracle(got, rows, cols, "rbf", _gammas(widths), pairs)
+
+
+def test_many_layers_all_pairs_block():
+    """66 layers: the staged products take the layers in two blocks of 64, the second one ragged."""
+    n_layers = 66
+    widths = [16 + (a % 3) for a in range(n_layers)]
+    rows = _layers(20, widths, torch.float16, seed=7)
+    pairs = torch.tensor([[a, b] for a in range(n_layers) for b in {a, n_layers - 1 - a, 0}])
+    got = triton_cka.all_pairs_kernel_sums(rows, None, kernel="linear", gammas=None, pairs=pairs)
+    _assert_matches_oracle(got, rows, None, "linear", None, pairs)
+
+
+def test_single_layer_no_pairs_and_no_tokens():
+    rows = _layers(9, [16], torch.float32, seed=8)
+    no_pairs = torch.zeros(0, 2, dtype=torch.int64)
+    got = triton_cka.kernel_sums(rows, None, kernel="linear", gammas=None, pairs=no_pairs)
+    _assert_matches_oracle(got, rows, None, "linear", None, no_pairs)
+    empty = triton_cka.kernel_sums(
+        _layers(0, [16, 8], torch.float32, seed=9), None, kernel="rbf", gammas=[1.0, 1.0], pairs=torch.tensor([[0, 1]])
+    )
+    assert empty.frob.tolist() == [0.0] and empty.row_sums.shape == (2, 0) and empty.col_sums.shape == (2, 0)
+
+
+def test_symmetric_rbf_diagonal_is_exact():
+    """Same token on both sides: distance exactly 0, whatever |x|^2 + |x|^2 - 2 x.x rounds to. Far-apart
+    rows with large norms make the rounding residue large and the off-diagonal values 0, so K = I."""
+    x = 100 + torch.randn(16, 48, generator=torch.Generator().manual_seed(0))
+    got = triton_cka.kernel_sums([x.to(DEVICE)], None, kernel="rbf", gammas=[10.0], pairs=torch.tensor([[0, 0]]))
+    assert got.frob.item() == 16.0
+    assert got.row_sums.tolist() == [[1.0] * 16]
+
+
+def test_variant_choice():
+    items = triton_cka._band_items(4, [(1, 0), (1, 2), (2, 2), (0, 1)])
+    assert items == [
+        triton_cka._BandItem(0, 1, True, True),
+        triton_cka._BandItem(1, 2, False, True),
+        triton_cka._BandItem(3, None, True, False),
+    ]
+    assert triton_cka._band_gemms(items) == 5
+    # The sliding search's case (two layers, one pair) is a band; a chain of three layers is not.
+    assert triton_cka._band_gemms(triton_cka._band_items(2, [(0, 1)])) <= triton_cka.BAND_MAX_GEMMS_PER_LAYER * 2
+    assert triton_cka._band_gemms(triton_cka._band_items(3, [(0, 1), (1, 2)])) > triton_cka.BAND_MAX_GEMMS_PER_LAYER * 3
+
+
+def test_launch_options(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_cka._launch_options(torch.bfloat16)["UPCAST"] is True
+    assert triton_cka._launch_options(torch.float16)["UPCAST"] is False
+    assert triton_cka._input_precision(torch.float16) is None
+    for setting, precision in [("tf32", "tf32"), ("ieee", "ieee"), ("none", "ieee")]:
+        monkeypatch.setattr(torch.backends.cuda, "matmul", SimpleNamespace(fp32_precision=setting))
+        assert triton_cka._input_precision(torch.float32) == precision
+
+
+def test_unavailable_reason(monkeypatch):
+    if torch.cuda.is_available():
+        assert triton_cka.unavailable_reason("cuda") is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_cka.unavailable_reason("cpu") is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "interpreter" in triton_cka.unavailable_reason("cpu")
+    with pytest.raises(InputError, match="cannot run"):
+        load_backend("triton", "cpu")
+    assert "CUDA device" in triton_cka.unavailable_reason("meta")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"kernel": "laplace"}, "unknown kernel"),
+        ({"gammas": None}, "one gamma per layer"),
+        ({"gammas": [1.0, -1.0]}, "finite and positive"),
+        ({"kernel": "linear"}, "takes no gammas"),
+        ({"pairs": torch.tensor([[0, 2]])}, "index layers"),
+        ({"pairs": torch.tensor([0, 1])}, r"\[P, 2\]"),
+        ({"block_size": 48}, "token tile"),
+        ({"cols": [torch.zeros(3, 16), torch.zeros(3, 9)]}, "d = 8 but cols have d = 9"),
+        ({"cols": [torch.zeros(3, 16)]}, "2 row layers but 1 column layers"),
+        ({"rows": []}, "at least one layer"),
+        ({"rows": [torch.zeros(4, 16, dtype=torch.int32)] * 2}, "fp32, bf16 or fp16"),
+    ],
+)
+def test_input_errors(change, message):
+    args = {
+        "rows": [torch.zeros(4, 16), torch.zeros(4, 8)],
+        "cols": None,
+        "kernel": "rbf",
+        "gammas": [1.0, 1.0],
+        "pairs": torch.tensor([[0, 1]]),
+        "block_size": None,
+    } | change
+    rows = [r.to(DEVICE) for r in args.pop("rows")]
+    cols = None if args["cols"] is None else [c.to(DEVICE) for c in args.pop("cols")]
+    args.pop("cols", None)
+    with pytest.raises(InputError, match=message):
+        triton_cka.kernel_sums(rows, cols, **args)
+
+
+# Compiles the kernels for Hopper (sm_90) to cubin with Triton's own ptxas, no GPU needed: catches what
+# the interpreter accepts but the compiler does not. Runs in a child process because the interpreter
+# flag must be unset before triton is imported. Pointers, strides and widths are declared 16-aligned
+# as Triton specialises them for aligned tensors (the case that pipelines with wgmma); one case is not.
+_AOT_SCRIPT = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from slm_fast.kernels import triton_cka as T
+
+def compile_kernel(fn, types, constexprs, aligned, num_warps, num_stages):
+    names = fn.arg_names
+    signature = {n: types(n) for n in names} | {n: "constexpr" for n in constexprs}
+    attrs = {}
+    if aligned:
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                 if n.endswith("_ptr") or n.startswith("stride") or n in ("d_a", "d_b")}
+    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                       attrs=attrs)
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+def tile_types(dtype):
+    def types(name):
+        if name in ("tile_i_ptr", "tile_j_ptr"):
+            return "*i32"
+        if name in ("xa_ptr", "ya_ptr", "xb_ptr", "yb_ptr"):
+            return "*" + dtype
+        if name.endswith("_ptr"):
+            return "*fp32"
+        if name.startswith("gamma"):
+            return "fp32"
+        return "i64" if name.startswith("stride") else "i32"
+    return types
+
+cases = [  # dtype, rbf, symmetric, two layers, stage, block, input precision, aligned, config
+    ("bf16", True, True, True, False, 128, None, True, 4),
+    ("fp16", False, False, True, False, 128, None, True, 0),
+    ("bf16", True, False, False, True, 128, None, True, 0),
+    ("fp32", True, True, False, False, 64, "ieee", False, 2),
+    ("fp32", False, True, True, False, 64, "tf32", True, 1),
+]
+for dtype, rbf, symmetric, two, stage, block, precision, aligned, config in cases:
+    cfg = T._GPU_TILE_CONFIGS[config]
+    constexprs = dict(RBF=rbf, SYMMETRIC=symmetric, TWO_LAYERS=two, SUMS_A=True, SUMS_B=two, FROB=not stage,
+                      STAGE=stage, BLOCK=block, INPUT_PRECISION=precision, UPCAST=False, **cfg.kwargs)
+    compile_kernel(T._tile_pairs_kernel, tile_types(dtype), constexprs, aligned, cfg.num_warps, cfg.num_stages)
+frob_types = lambda n: {"n_layers": "i32"}.get(n, "*i32" if n.startswith("tile_") else "*fp32")
+options = T._staged_frob_options(80)
+compile_kernel(T._staged_frob_kernel, frob_types, dict(TILE_ELEMS=128 * 128, SYMMETRIC=True, **options), True, 4, 3)
+print("compiled", len(cases) + 1)
+"""
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton.backends.nvidia") is None, reason="this Triton has no NVIDIA backend"
+)
+def test_kernels_compile_for_hopper():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip().endswith("compiled 6")
