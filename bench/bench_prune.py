@@ -100,7 +100,7 @@ def bench_smollm2(model: Path, workdir: Path, threshold: float) -> dict:
     return rows
 
 
-def bench_scale(block_counts: list[int], workdir: Path, tokenizer_from: Path, threshold: float) -> dict:
+def bench_scale(block_counts: list[int], workdir: Path, tokenizer_from: Path, remove: int) -> dict:
     disk = disk_throughput(workdir)
     print(f"disk: write {disk['write_gb_s']:.2f} GB/s (fsync), cold read {disk['read_gb_s']:.2f} GB/s")
     block_gb = sum(_numel(s) for s in SHAPE_70B.block_tensors().values()) * 2 / GB
@@ -116,7 +116,7 @@ def bench_scale(block_counts: list[int], workdir: Path, tokenizer_from: Path, th
         output = workdir / f"synthetic70b-{blocks}-pruned"
         evict_from_page_cache(source)
         command = slm_fast_command(
-            "--threads", "2", "prune", str(source), str(output), "--threshold", str(threshold),
+            "--threads", "2", "prune", str(source), str(output), "--remove", str(remove),
             "--samples", "2", "--seq-len", "64", "--memory-budget", budget, "--dtype", "bf16",
             "--overwrite", "--no-progress",
         )  # fmt: skip
@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--smollm2", type=Path, default=Path("runs/smollm2"), help="SmolLM2 checkpoint folder")
     parser.add_argument("--threshold", type=float, default=0.72, help="SLM threshold of the SmolLM2 part")
     parser.add_argument("--blocks", type=int, nargs="+", default=[4, 8], help="block counts of the scale part")
-    parser.add_argument("--scale-threshold", type=float, default=0.95)
+    parser.add_argument("--scale-remove", type=int, default=2, help="blocks the scale part removes")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/slm_fast_bench"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -177,7 +177,7 @@ def main() -> None:
     if args.part in ("smollm2", "all"):
         results["smollm2"] = bench_smollm2(args.smollm2, args.workdir, args.threshold)
     if args.part in ("scale", "all"):
-        results["scale"] = bench_scale(args.blocks, args.workdir, args.smollm2, args.scale_threshold)
+        results["scale"] = bench_scale(args.blocks, args.workdir, args.smollm2, args.scale_remove)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
