@@ -1,0 +1,187 @@
+"""The quality table: does sliding layer merging beat the other depth-pruning methods on SmolLM2-135M?
+
+Every configuration prunes the same checkpoint with the same calibration (10 x 128 tokens of Emma,
+seed 1234) through `slm-fast prune`, then `slm-fast evaluate` scores it:
+- stage 1, every configuration: perplexity on two held-out corpora (Pride and Prejudice, BoolQ's
+  Wikipedia paragraphs), 8 windows of 512 tokens each;
+- stage 2, the dense model, the reference preset, the best SLM configurations of stage 1 and every
+  baseline: the seven zero-shot tasks on their first --limit documents.
+Results accumulate in a JSON file (an interrupted run resumes) and are written as a markdown table.
+
+    python bench/quality.py --model runs/smollm2 --remove 4 8 --limit 200 --out bench/quality.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+from harness import run_child, slm_fast_command
+
+PPL_CORPORA = ("austen:pride_and_prejudice", "boolq")
+PAPER_METRICS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+CRITERIA = ("cosine", "cka-linear", "cka-rbf")
+RULES = ("keep_high", "keep_high_norms_low", "mean", "keep_low")
+BASELINES = ("shortgpt", "gromov", "laco", "last-n")
+
+
+def configurations(extra_rules: bool) -> dict[str, list[str]]:
+    configs = {"slm reference preset": ["--preset", "reference"]}
+    for criterion in CRITERIA:
+        for rule in RULES + (("sum", "rdsc") if extra_rules and criterion == "cosine" else ()):
+            configs[f"slm {criterion} {rule}"] = ["--criterion", criterion, "--rule", rule]
+    for method in BASELINES:
+        configs[method] = ["--method", method]
+    return configs
+
+
+def prune(model: Path, out: Path, remove: int, flags: list[str]) -> dict:
+    command = slm_fast_command(
+        "--threads", "1", "prune", str(model), str(out), "--remove", str(remove), "--overwrite", "--no-progress",
+        *flags,
+    )  # fmt: skip
+    run = run_child(command)
+    if run.returncode != 0:
+        raise SystemExit(f"prune failed: {' '.join(command)}\n{run.output}")
+    report = json.loads((out / "slm_report.json").read_text())
+    return {
+        "seconds": run.seconds,
+        "windows": report["windows"],
+        "dropped": report["dropped"],
+        "similarity": report["similarity"],
+        "parameters": report["parameters"]["after"],
+        "blocks": 30 - report.get("search", {}).get("blocks_removed", len(report["dropped"])),
+        "threshold_search": report.get("threshold_search"),
+    }
+
+
+def evaluate(model: Path, flags: list[str], scratch: Path) -> dict:
+    scratch.mkdir(parents=True, exist_ok=True)
+    result_path = scratch / "eval.json"
+    command = slm_fast_command("--threads", "1", "evaluate", str(model), "--json", str(result_path), "--no-progress")
+    run = run_child([*command, *flags])
+    if run.returncode != 0:
+        raise SystemExit(f"evaluate failed: {' '.join(command)}\n{run.output}")
+    result = json.loads(result_path.read_text())
+    result["seconds"] = run.seconds
+    return result
+
+
+def perplexities(model: Path, scratch: Path) -> dict[str, float]:
+    result = evaluate(model, ["--ppl", *PPL_CORPORA, "--seq-len", "512", "--max-windows", "8"], scratch)
+    return {corpus: result["perplexity"][corpus]["ppl"] for corpus in PPL_CORPORA}
+
+
+def zero_shot(model: Path, limit: int, scratch: Path) -> dict[str, float]:
+    result = evaluate(model, ["--tasks", "all", "--limit", str(limit)], scratch)
+    return {task: result["zero_shot"]["tasks"][task]["score"] for task in PAPER_METRICS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=Path("runs/smollm2"))
+    parser.add_argument("--remove", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--limit", type=int, default=200, help="documents per zero-shot task")
+    parser.add_argument("--best", type=int, default=2, help="SLM configurations of stage 1 carried to stage 2")
+    parser.add_argument("--extra-rules", action="store_true", help="also sum and rdsc (they break the model)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/slm_fast_quality"))
+    parser.add_argument("--results", type=Path, default=Path("bench/quality.json"))
+    parser.add_argument("--out", type=Path, default=Path("bench/quality.md"))
+    args = parser.parse_args()
+    results = json.loads(args.results.read_text()) if args.results.exists() else {}
+
+    def save() -> None:
+        args.results.write_text(json.dumps(results, indent=1) + "\n")
+
+    dense = results.setdefault("dense", {})
+    if "ppl" not in dense:
+        dense["ppl"] = perplexities(args.model, args.workdir / "dense")
+        save()
+    for remove in args.remove:
+        for name, flags in configurations(args.extra_rules).items():
+            row = results.setdefault(f"{remove}/{name}", {})
+            if "ppl" in row:
+                continue
+            out = args.workdir / f"{remove}-{name.replace(' ', '_')}"
+            row["prune"] = prune(args.model, out, remove, flags)
+            row["ppl"] = perplexities(out, args.workdir / "eval")
+            print(f"{remove} {name}: {row['prune']['blocks']} blocks, ppl {row['ppl']}", flush=True)
+            save()
+
+    if "zero_shot" not in dense:
+        dense["zero_shot"] = zero_shot(args.model, args.limit, args.workdir / "dense")
+        save()
+    for remove in args.remove:
+        for name in stage_two(results, remove, args.best):
+            row = results[f"{remove}/{name}"]
+            if "zero_shot" in row:
+                continue
+            out = args.workdir / f"{remove}-{name.replace(' ', '_')}"
+            if not out.exists():
+                row["prune"] = prune(args.model, out, remove, configurations(True)[name])
+            row["zero_shot"] = zero_shot(out, args.limit, args.workdir / "eval")
+            print(f"{remove} {name}: zero-shot {row['zero_shot']}", flush=True)
+            save()
+    args.out.write_text(markdown(results, args))
+    print(args.out.read_text())
+    shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+def stage_two(results: dict, remove: int, best: int) -> list[str]:
+    """The reference preset, the `best` SLM configurations by mean log-perplexity, every baseline."""
+    slm = [k.split("/", 1)[1] for k in results if k.startswith(f"{remove}/slm ") and "preset" not in k]
+    ranked = sorted(slm, key=lambda name: _ppl_score(results[f"{remove}/{name}"]))
+    return ["slm reference preset", *ranked[:best], *BASELINES]
+
+
+def _ppl_score(row: dict) -> float:
+    return sum(math.log(v) for v in row["ppl"].values()) / len(row["ppl"])
+
+
+def markdown(results: dict, args: argparse.Namespace) -> str:
+    tasks = list(PAPER_METRICS)
+    header = ["model", "blocks", "params (M)", "PPL P&P", "PPL BoolQ", *tasks, "avg", "prune s"]
+    lines = [
+        "# Quality table: SmolLM2-135M-Instruct (30 blocks)",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d')} by `python bench/quality.py` on this CPU (1 thread). Calibration: "
+        "10 x 128 tokens of *Emma* (seed 1234) for every method. Perplexity: 8 windows of 512 tokens of *Pride "
+        f"and Prejudice* and of BoolQ's Wikipedia paragraphs (never calibration text). Zero-shot: first {args.limit} "
+        "validation documents of each task, lm-eval-harness prompts; acc for BoolQ, PIQA, WinoGrande, ARC-e; "
+        "acc_norm (length in characters of the choice, as the harness) for HellaSwag, ARC-c, OBQA; avg = "
+        "plain mean of the seven. Rows without zero-shot scores were ranked on perplexity only (stage 1).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    dense = results["dense"]
+    lines.append(_row("dense", 30, 134.5, dense, None, tasks))
+    for key, row in results.items():
+        if key == "dense":
+            continue
+        remove, name = key.split("/", 1)
+        prune_info = row["prune"]
+        label = f"-{remove}: {name}"
+        lines.append(
+            _row(label, prune_info["blocks"], prune_info["parameters"] / 1e6, row, prune_info["seconds"], tasks)
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _row(label: str, blocks: int, params: float, row: dict, seconds: float | None, tasks: list[str]) -> str:
+    ppl = [f"{row['ppl'][c]:.2f}" for c in PPL_CORPORA]
+    if "zero_shot" in row:
+        scores = [row["zero_shot"][t] for t in tasks]
+        zs = [f"{100 * s:.1f}" for s in scores] + [f"**{100 * sum(scores) / len(scores):.2f}**"]
+    else:
+        zs = [""] * (len(tasks) + 1)
+    timing = "" if seconds is None else f"{seconds:.0f}"
+    return "| " + " | ".join([label, str(blocks), f"{params:.1f}", *ppl, *zs, timing]) + " |"
+
+
+if __name__ == "__main__":
+    main()
