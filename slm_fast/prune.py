@@ -258,8 +258,7 @@ def _threshold_search(scorer: CandidateScorer, reader: CheckpointReader, options
     if options.threshold is not None:
         return run(options.threshold), {"mode": "threshold", "tried": [[options.threshold, None]]}
     target = _target_blocks(reader, options)
-    low = -1.0 if options.criterion == "cosine" else 0.0
-    outcome = search_threshold(run, target, low=low, high=1.0)
+    outcome = search_threshold(run, target)
     log = {
         "mode": "remove" if options.remove is not None else "ratio",
         "target_blocks": target,

@@ -21,6 +21,7 @@ recorded. The default mode commits that pending window and allows windows down t
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -204,15 +205,21 @@ def search_threshold(
     run: Callable[[float], SearchResult],
     target_blocks: int,
     *,
-    low: float = -1.0,
+    low: float = 0.0,
     high: float = 1.0,
-    iterations: int = 40,
+    grid: int = 11,
+    iterations: int = 30,
 ) -> ThresholdSearch:
-    """Bisection on the threshold until the scan removes exactly `target_blocks` blocks.
+    """Find a threshold at which the scan removes exactly `target_blocks` blocks.
 
-    Fewer blocks are removed as the threshold rises (the scan's outcome only changes where the
-    threshold crosses a candidate's similarity). When no threshold hits the target, the closest
-    result is returned (the smaller removal on a tie) with the reason.
+    Removal falls as the threshold rises, but not monotonically everywhere: with the reference's
+    quirks a threshold so low that every window passes removes nothing (the pending window is
+    dropped at the bottom). So the scan is first run on a grid over [low, high]; the highest grid
+    threshold that hits the target wins; otherwise the highest bracket where removal crosses the
+    target (more above, fewer below) is bisected. The outcome only changes where the threshold
+    crosses a candidate's similarity, and scores are memoised, so later runs are cheap. When no
+    threshold hits the target, the closest result is returned (the smaller removal on a tie) with
+    the reason.
     """
     tried: list[tuple[float, int]] = []
     best: SearchResult | None = None
@@ -225,24 +232,30 @@ def search_threshold(
             best = outcome
         return outcome
 
-    if attempt(low).blocks_removed < target_blocks:
-        return ThresholdSearch(
-            best, target_blocks, tried, False, f"even threshold {low} removes only {best.blocks_removed} blocks"
-        )
+    points = [low + (high - low) * i / (grid - 1) for i in range(grid)]
+    for threshold in reversed(points):  # from the top: the first exact hit is the highest
+        if attempt(threshold).blocks_removed == target_blocks:
+            return ThresholdSearch(best, target_blocks, tried, True)
+    removal = dict(tried)
+    brackets = [(a, b) for a, b in itertools.pairwise(points) if removal[a] > target_blocks > removal[b]]
+    if not brackets:
+        most = max(removal.values())
+        reason = f"no threshold in [{low}, {high}] removes {target_blocks} blocks (at most {most})"
+        return ThresholdSearch(best, target_blocks, tried, False, reason)
+    above, below = brackets[-1]
     for _ in range(iterations):
-        middle = (low + high) / 2
+        middle = (above + below) / 2
         removed = attempt(middle).blocks_removed
         if removed == target_blocks:
             return ThresholdSearch(best, target_blocks, tried, True)
         if removed > target_blocks:
-            low = middle
+            above = middle
         else:
-            high = middle
-    above = max((t for t in tried if t[1] > target_blocks), key=lambda t: t[0])
-    below = min((t for t in tried if t[1] < target_blocks), key=lambda t: t[0], default=(high, 0))
+            below = middle
     reason = (
-        f"no threshold removes exactly {target_blocks} blocks: removal jumps from {above[1]} "
-        f"(threshold {above[0]:.6f}) to {below[1]} (threshold {below[0]:.6f})"
+        f"no threshold removes exactly {target_blocks} blocks: removal jumps from "
+        f"{dict(tried)[above]} (threshold {above:.6f}) to {dict(tried)[below]} "
+        f"(threshold {below:.6f})"
     )
     return ThresholdSearch(best, target_blocks, tried, False, reason)
 

@@ -91,29 +91,36 @@ def test_cka_criteria_run_the_same_scan(checkpoint, criterion):
 
 def test_threshold_search_hits_the_target(checkpoint):
     scorer = make_scorer(checkpoint)
+    for parity in (False, True):
+        for target in (1, 3, 5):
+            outcome = search_threshold(lambda t, p=parity: sliding_search(scorer, 10, t, parity=p), target)
+            if outcome.exact:
+                assert outcome.result.blocks_removed == target
+            else:  # only when removal jumps over the target; the reason names both sides
+                assert "jumps from" in outcome.reason
+                assert abs(outcome.result.blocks_removed - target) <= min(abs(r - target) for _, r in outcome.tried)
+    too_many = search_threshold(lambda t: sliding_search(scorer, 10, t), 9, low=-2.0)
+    assert not too_many.exact and too_many.result.blocks_removed == 8 and "at most 8" in too_many.reason
+
+
+def scan_removing(removal_by_threshold):
+    """A stand-in scan whose removal is a step function of the threshold."""
 
     def run(threshold):
-        return sliding_search(scorer, 10, threshold)
-
-    for target in (1, 3, 5):
-        outcome = search_threshold(run, target)
-        if outcome.exact:
-            assert outcome.result.blocks_removed == target
-        else:  # only when removal jumps over the target; the reason names both sides
-            assert "jumps from" in outcome.reason
-            assert abs(outcome.result.blocks_removed - target) <= min(abs(r - target) for _, r in outcome.tried)
-    too_many = search_threshold(run, 9)
-    assert not too_many.exact and too_many.result.blocks_removed == 8 and "removes only 8" in too_many.reason
-
-
-def test_threshold_search_reports_the_closest_when_the_target_is_skipped():
-    removal = {0.2: 4, 0.5: 2}  # a scan that never removes 3 blocks
-
-    def run(threshold):
-        removed = 4 if threshold < 0.35 else 2 if threshold < 0.9 else 0
+        removed = next(r for limit, r in removal_by_threshold if threshold < limit)
         return SearchResult(threshold, [(0, removed)] if removed else [])
 
-    outcome = search_threshold(run, 3)
-    assert not outcome.exact and outcome.result.blocks_removed == 2
-    assert "removal jumps from 4" in outcome.reason and "to 2" in outcome.reason
-    assert removal  # documents the shape of the scan above
+    return run
+
+
+def test_threshold_search_survives_the_reference_quirk():
+    """With the reference's dropped pending window, very low thresholds remove nothing again."""
+    run = scan_removing([(0.15, 0), (0.45, 4), (0.75, 2), (2.0, 0)])
+    four = search_threshold(run, 4)
+    assert four.exact and four.result.blocks_removed == 4 and four.result.threshold == pytest.approx(0.4)
+    two = search_threshold(run, 2)
+    assert two.exact and two.result.threshold == pytest.approx(0.7)  # the highest grid threshold that hits
+    three = search_threshold(run, 3)
+    assert not three.exact and three.result.blocks_removed == 2  # the tie goes to the smaller removal
+    assert "removal jumps from 4" in three.reason and "to 2" in three.reason
+    assert abs([t for t, r in three.tried if r == 4][-1] - 0.45) < 1e-6  # bisected down to the jump
