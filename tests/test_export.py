@@ -53,6 +53,9 @@ def logits(model):
         ("qwen3", [(1, 2), (3, 5)], "rdsc", None),
         ("qwen3", [(0, 5)], "sum", None),
         ("llama", [(2, 2)], "keep_low", None),
+        ("gemma2", [(1, 2), (4, 5)], "keep_high", None),
+        ("gemma3", [(2, 4)], "mean", "150KB"),
+        ("phi3", [(3, 5)], "keep_high_norms_low", None),
     ],
 )
 def test_written_checkpoint_equals_in_memory_merge(tmp_path, arch, windows, rule, shard):

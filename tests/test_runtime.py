@@ -12,7 +12,7 @@ from slm_fast.runtime.stream import BlockRunner, calibrate
 IDS = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(1))  # 40 > qwen2's window of 16
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
 def test_streamed_forward_equals_full_model(tmp_path, arch):
     folder = save_tiny_checkpoint(tmp_path / arch, arch, num_layers=5)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()

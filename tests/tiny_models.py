@@ -10,7 +10,10 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     LlamaConfig,
+    Phi3Config,
     MistralConfig,
     PretrainedConfig,
     Qwen2Config,
@@ -44,6 +47,12 @@ def tiny_config(arch: str, num_layers: int = 6) -> PretrainedConfig:
         )
     if arch == "qwen3":
         return Qwen3Config(num_hidden_layers=num_layers, head_dim=16, **COMMON)
+    if arch == "gemma2":  # alternating sliding/full attention, logit soft-capping, four norms per block
+        return Gemma2Config(num_hidden_layers=num_layers, head_dim=16, sliding_window=8, **COMMON)
+    if arch == "gemma3":  # rotary embeddings per attention type, q/k norms
+        return Gemma3TextConfig(num_hidden_layers=num_layers, head_dim=16, sliding_window=8, **COMMON)
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj
+        return Phi3Config(num_hidden_layers=num_layers, pad_token_id=0, eos_token_id=1, bos_token_id=1, **COMMON)
     raise ValueError(arch)
 
 
