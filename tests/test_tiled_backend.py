@@ -147,10 +147,10 @@ def test_availability_and_loading() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"kernel": "cosine"}, "kernel must be"),
-        ({"gammas": [1.0]}, "needs 3 gammas"),
+        ({"kernel": "cosine"}, "unknown kernel"),
+        ({"gammas": [1.0]}, r"needs one gamma per layer \(3\)"),
         ({"gammas": [1.0, -1.0, 1.0]}, "positive and finite"),
-        ({"pairs": torch.tensor([[0, 3]])}, r"pairs must index layers in \[0, 3\)"),
+        ({"pairs": torch.tensor([[0, 3]])}, r"pairs must index layers 0\.\.2"),
     ],
 )
 def test_bad_calls_raise_input_error(kwargs: dict, message: str) -> None:

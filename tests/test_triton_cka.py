@@ -170,15 +170,15 @@ def test_unavailable_reason(monkeypatch):
     [
         ({"kernel": "laplace"}, "unknown kernel"),
         ({"gammas": None}, "one gamma per layer"),
-        ({"gammas": [1.0, -1.0]}, "finite and positive"),
+        ({"gammas": [1.0, -1.0]}, "positive and finite"),
         ({"kernel": "linear"}, "takes no gammas"),
         ({"pairs": torch.tensor([[0, 2]])}, "index layers"),
         ({"pairs": torch.tensor([0, 1])}, r"\[P, 2\]"),
         ({"block_size": 48}, "token tile"),
-        ({"cols": [torch.zeros(3, 16), torch.zeros(3, 9)]}, "d = 8 but cols have d = 9"),
-        ({"cols": [torch.zeros(3, 16)]}, "2 row layers but 1 column layers"),
+        ({"cols": [torch.zeros(3, 16), torch.zeros(3, 9)]}, r"cols\[1\] has shape \(3, 9\); expected \[3, 8\]"),
+        ({"cols": [torch.zeros(3, 16)]}, "rows hold 2 layers but cols hold 1"),
         ({"rows": []}, "at least one layer"),
-        ({"rows": [torch.zeros(4, 16, dtype=torch.int32)] * 2}, "fp32, bf16 or fp16"),
+        ({"rows": [torch.zeros(4, 16, dtype=torch.int32)] * 2}, "takes float32, bfloat16, float16$"),
     ],
 )
 def test_input_errors(change, message):

@@ -27,6 +27,8 @@ Each backend module exposes:
 from __future__ import annotations
 
 import importlib
+import math
+from collections.abc import Sequence
 from types import ModuleType
 from typing import NamedTuple
 
@@ -42,6 +44,63 @@ class KernelSums(NamedTuple):
     frob: Tensor  # [P] float64
     row_sums: Tensor  # [L, m] float64
     col_sums: Tensor  # [L, k] float64
+
+
+class ContractInputs(NamedTuple):
+    """`kernel_sums` arguments after the checks every backend shares."""
+
+    rows: list[Tensor]
+    cols: list[Tensor]  # the same list as rows when symmetric
+    symmetric: bool
+    gammas: list[float] | None  # None for the linear kernel
+    pairs: list[tuple[int, int]]
+
+
+def check_inputs(
+    rows: Sequence[Tensor],
+    cols: Sequence[Tensor] | None,
+    kernel: str,
+    gammas: Sequence[float] | None,
+    pairs: Tensor,
+    *,
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+) -> ContractInputs:
+    """Validate `kernel_sums` arguments against the contract; InputError names what is wrong."""
+    if kernel not in ("linear", "rbf"):
+        raise InputError(f"unknown kernel {kernel!r}; choose linear or rbf")
+    rows = list(rows)
+    if not rows:
+        raise InputError("kernel_sums needs at least one layer")
+    symmetric = cols is None
+    cols = rows if cols is None else list(cols)
+    if len(cols) != len(rows):
+        raise InputError(f"rows hold {len(rows)} layers but cols hold {len(cols)}")
+    for name, side in (("rows", rows), ("cols", cols)):
+        for a, x in enumerate(side):
+            if x.ndim != 2 or x.shape[0] != side[0].shape[0] or x.shape[1] != rows[a].shape[1]:
+                raise InputError(
+                    f"{name}[{a}] has shape {tuple(x.shape)}; expected [{side[0].shape[0]}, {rows[a].shape[1]}]"
+                )
+            if x.dtype not in dtypes:
+                allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+                raise InputError(f"{name}[{a}] is {x.dtype}; this backend takes {allowed}")
+            if x.device != rows[0].device:
+                raise InputError(f"{name}[{a}] is on {x.device}, not on {rows[0].device} with the others")
+    if kernel == "rbf":
+        if gammas is None or len(gammas) != len(rows):
+            raise InputError(f"the rbf kernel needs one gamma per layer ({len(rows)}), got {gammas!r}")
+        gammas = [float(g) for g in gammas]
+        if not all(math.isfinite(g) and g > 0 for g in gammas):
+            raise InputError(f"every gamma must be positive and finite, got {gammas}")
+    elif gammas is not None:
+        raise InputError("the linear kernel takes no gammas")
+    pairs = torch.as_tensor(pairs)
+    if pairs.dtype.is_floating_point or (pairs.numel() and (pairs.dim() != 2 or pairs.shape[1] != 2)):
+        raise InputError(f"pairs must be an integer tensor [P, 2], got {tuple(pairs.shape)} {pairs.dtype}")
+    pair_list = [(int(a), int(b)) for a, b in pairs.reshape(-1, 2).tolist()]
+    if any(not (0 <= a < len(rows) and 0 <= b < len(rows)) for a, b in pair_list):
+        raise InputError(f"pairs must index layers 0..{len(rows) - 1}, got {pair_list}")
+    return ContractInputs(rows, cols, symmetric, gammas, pair_list)
 
 
 BACKEND_MODULES = {

@@ -32,8 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from slm_fast.errors import InputError
-from slm_fast.kernels import KernelSums
+from slm_fast.kernels import KernelSums, check_inputs
 
 # Largest token tile per device type; the workspace budget may choose a smaller one.
 MAX_TILE = {"cpu": 1024, "cuda": 4096}
@@ -160,38 +159,13 @@ def _check(
     gammas: Sequence[float] | None,
     pairs: Tensor,
 ) -> _Problem:
-    if kernel not in ("linear", "rbf"):
-        raise InputError(f"kernel must be 'linear' or 'rbf', got {kernel!r}")
-    rows = list(rows)
-    if not rows:
-        raise InputError("kernel_sums needs at least one layer")
-    cols_list = rows if cols is None else list(cols)
-    if len(cols_list) != len(rows):
-        raise InputError(f"rows hold {len(rows)} layers but cols hold {len(cols_list)}")
-    for name, side in (("rows", rows), ("cols", cols_list)):
-        for a, x in enumerate(side):
-            if x.ndim != 2 or x.shape[0] != side[0].shape[0] or x.shape[1] != rows[a].shape[1]:
-                raise InputError(
-                    f"{name}[{a}] has shape {tuple(x.shape)}; expected [{side[0].shape[0]}, {rows[a].shape[1]}]"
-                )
-            if not x.is_floating_point() or x.device != rows[0].device:
-                raise InputError(f"{name}[{a}] must be a floating tensor on {rows[0].device}")
-    if kernel == "rbf":
-        if gammas is None or len(gammas) != len(rows):
-            raise InputError(f"kernel 'rbf' needs {len(rows)} gammas, got {gammas!r}")
-        gammas = [float(g) for g in gammas]
-        if not all(math.isfinite(g) and g > 0 for g in gammas):
-            raise InputError(f"every gamma must be positive and finite, got {gammas}")
-    else:
-        gammas = None
-    pairs = torch.as_tensor(pairs, dtype=torch.int64).cpu().reshape(-1, 2)
-    if len(pairs) and (pairs.min() < 0 or pairs.max() >= len(rows)):
-        raise InputError(f"pairs must index layers in [0, {len(rows)}), got {pairs.tolist()}")
+    rows, cols_list, symmetric, gammas, pair_list = check_inputs(rows, cols, kernel, gammas, pairs)
+    pairs = torch.tensor(pair_list, dtype=torch.int64).reshape(-1, 2)
     wide = any(x.dtype == torch.float64 for x in [*rows, *cols_list])
     return _Problem(
         rows=rows,
         cols=cols_list,
-        symmetric=cols is None,
+        symmetric=symmetric,
         kernel=kernel,
         gammas=gammas,
         pairs=pairs,

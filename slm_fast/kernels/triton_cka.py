@@ -25,7 +25,6 @@ which multiplies bf16 wrongly: there bf16 tiles are upcast to fp32 before `tl.do
 from __future__ import annotations
 
 import functools
-import math
 import os
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -34,7 +33,7 @@ import torch
 from torch import Tensor
 
 from slm_fast.errors import InputError
-from slm_fast.kernels import KernelSums
+from slm_fast.kernels import KernelSums, check_inputs
 
 try:
     import triton
@@ -380,51 +379,19 @@ def _prepare(
     gammas: Sequence[float] | None,
     pairs: Tensor,
 ) -> _Problem:
-    rows = list(rows)
-    if not rows:
-        raise InputError("kernel_sums needs at least one layer")
-    if kernel not in ("linear", "rbf"):
-        raise InputError(f"unknown kernel {kernel!r}; choose linear or rbf")
-    symmetric = cols is None
-    cols = rows if cols is None else list(cols)
-    if len(cols) != len(rows):
-        raise InputError(f"{len(rows)} row layers but {len(cols)} column layers")
+    rows, cols, symmetric, gammas, pair_list = check_inputs(rows, cols, kernel, gammas, pairs, dtypes=SUPPORTED_DTYPES)
     tensors = rows + cols
-    if any(t.dim() != 2 for t in tensors):
-        raise InputError("activations must be 2-d [tokens, d]")
-    if any(t.dtype not in SUPPORTED_DTYPES for t in tensors):
-        raise InputError(f"activations must be fp32, bf16 or fp16, got {sorted({str(t.dtype) for t in tensors})}")
-    if len({t.device for t in tensors}) != 1:
-        raise InputError("all activations must be on one device")
-    if len({r.shape[0] for r in rows}) != 1 or len({c.shape[0] for c in cols}) != 1:
-        raise InputError("every layer must have the same number of row tokens and of column tokens")
-    for a, (r, c) in enumerate(zip(rows, cols, strict=True)):
-        if r.shape[1] != c.shape[1]:
-            raise InputError(f"layer {a}: rows have d = {r.shape[1]} but cols have d = {c.shape[1]}")
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
     rows = [_unit_stride(r.to(dtype)) for r in rows]
     cols = rows if symmetric else [_unit_stride(c.to(dtype)) for c in cols]
 
     rbf = kernel == "rbf"
     if rbf:
-        if gammas is None or len(gammas) != len(rows):
-            raise InputError(f"the rbf kernel needs one gamma per layer ({len(rows)})")
-        gammas = [float(g) for g in gammas]
-        if not all(math.isfinite(g) and g > 0 for g in gammas):
-            raise InputError(f"gammas must be finite and positive, got {gammas}")
         row_norms = [_squared_row_norms(r) for r in rows]
         col_norms = row_norms if symmetric else [_squared_row_norms(c) for c in cols]
     else:
-        if gammas is not None:
-            raise InputError("the linear kernel takes no gammas")
         gammas = [0.0] * len(rows)
         row_norms = col_norms = [None] * len(rows)
-
-    if pairs.dim() != 2 or pairs.shape[1] != 2 or pairs.dtype.is_floating_point:
-        raise InputError(f"pairs must be an integer tensor [P, 2], got {tuple(pairs.shape)} {pairs.dtype}")
-    pair_list = [(int(a), int(b)) for a, b in pairs.tolist()]
-    if any(not (0 <= a < len(rows) and 0 <= b < len(rows)) for a, b in pair_list):
-        raise InputError(f"pairs must index layers 0..{len(rows) - 1}")
     return _Problem(rows, cols, row_norms, col_norms, gammas, rbf, symmetric, pair_list)
 
 
