@@ -28,13 +28,16 @@ from slm_fast.export import export_merged_checkpoint
 from slm_fast.merge import check_rule
 from slm_fast.runtime.cache import HiddenStateCache
 from slm_fast.runtime.stream import BlockRunner, calibrate
-from slm_fast.slm import CandidateScorer, SearchResult, search_threshold, sliding_search
+from slm_fast.slm import CandidateScorer, SearchResult, best_first_search, search_threshold, sliding_search
 from slm_fast.windows import Window, format_windows, output_blocks
 
 REPORT_NAME = "slm_report.json"
 THRESHOLD_METHODS = ("slm", "laco")
+SEARCHES = ("best-first", "sliding")
 # What the reference code fixes (slm_reference.md sections 1-3); `--preset reference` applies them all.
-REFERENCE_PRESET = dict(criterion="cosine", rule="keep_high_norms_low", n_samples=10, seq_len=128, seed=1234)
+REFERENCE_PRESET = dict(
+    criterion="cosine", rule="keep_high_norms_low", n_samples=10, seq_len=128, seed=1234, search="sliding"
+)
 
 
 @dataclass
@@ -44,6 +47,7 @@ class PruneOptions:
     ratio: float | None = None
     preset: str = "default"  # or "reference"
     method: str = "slm"  # or one of the baselines: shortgpt, gromov, laco, last-n
+    search: str = "best-first"  # SLM's window search: best-first, or sliding (the paper's scan)
     laco_merge_layers: int = 2  # LaCo's MERGE_LAYERS: layers folded into the one below per merge
     laco_interval: int = 1  # LaCo's INTERVAL
     criterion: str = "cosine"
@@ -76,6 +80,8 @@ class PruneOptions:
             raise InputError(f"unknown preset {self.preset!r}; choose default or reference")
         if self.method not in METHODS:
             raise InputError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.search not in SEARCHES:
+            raise InputError(f"unknown search {self.search!r}; choose one of: {', '.join(SEARCHES)}")
         if self.preset == "reference" and self.method != "slm":
             raise InputError(f"--preset reference applies to --method slm, not {self.method}")
         if self.threshold is not None and self.method not in THRESHOLD_METHODS:
@@ -215,6 +221,16 @@ class Selection:
 
 
 def _select(scorer: CandidateScorer, cache, reader: CheckpointReader, options: PruneOptions) -> Selection:
+    if options.method == "slm" and options.search == "best-first":
+        search = best_first_search(
+            scorer,
+            reader.num_blocks,
+            target_blocks=None if options.threshold is not None else _target_blocks(reader, options),
+            threshold=options.threshold,
+            protect_top=options.protect_top,
+            protect_bottom=options.protect_bottom,
+        )
+        return Selection(search.windows, [], options.rule, search.similarity, {"search": search.to_json()})
     if options.method in THRESHOLD_METHODS:
         search, log = _threshold_search(scorer, reader, options)
         details = {"threshold_search": log, "search": search.to_json()}
@@ -229,7 +245,7 @@ def _select(scorer: CandidateScorer, cache, reader: CheckpointReader, options: P
     else:
         dropped, details = baselines.last_n_blocks(reader.num_blocks, count), {}
     plan = output_blocks([], reader.num_blocks, dropped)
-    similarity = scorer.score_plan(plan) if dropped else None
+    similarity = scorer.score_plans([plan])[0] if dropped else None
     return Selection([], dropped, options.rule, similarity, details | {"target_blocks": count})
 
 

@@ -31,7 +31,7 @@ from torch import Tensor
 from slm_fast.criteria import similarity_to_reference
 from slm_fast.runtime.cache import HiddenStateCache
 from slm_fast.runtime.stream import BlockRunner
-from slm_fast.windows import Window
+from slm_fast.windows import Window, output_blocks
 
 Committed = tuple[Window, ...]
 
@@ -47,8 +47,8 @@ class Candidate:
 
 @dataclass
 class SearchResult:
-    threshold: float
-    windows: list[Window]  # in commit order (top first)
+    threshold: float | None  # None for a best-first search run to a block count
+    windows: list[Window]  # in commit order (top first; sorted for best-first)
     candidates: list[Candidate] = field(default_factory=list)
     similarity: float | None = None  # of the final model (all windows merged); None if none was
 
@@ -87,6 +87,7 @@ class CandidateScorer:
         self.criterion, self.rule = criterion, rule
         self.on_evaluated = on_evaluated
         self.scores: dict[tuple[Committed, Window], float] = {}  # (committed above, window) -> score
+        self.plan_scores: dict[tuple[Window, ...], float] = {}  # block sources -> score
         self.forward_passes = 0
 
     def score(self, committed: Committed, windows: list[Window]) -> list[float]:
@@ -112,18 +113,38 @@ class CandidateScorer:
                 self.on_evaluated(len(todo))
         return [self.scores[(above, w)] for w in windows]
 
-    def score_plan(self, block_sources: list[Window]) -> float:
-        """Score of any pruned model given as the source window of each output block (dropped blocks
-        simply absent): it runs from the lowest boundary where the plan departs from the original."""
-        start = next(
-            (position for position, window in enumerate(block_sources) if window != (position, position)),
-            len(block_sources),
-        )
-        hidden = self.cache.get(start)
-        for lo, hi in block_sources[start:]:
-            hidden = self.runner.apply(self.runner.block((lo, hi), self.rule), lo, hidden)
-        self.forward_passes += 1
-        return similarity_to_reference(self.criterion, self.reference, self.runner.final_norm(hidden))
+    def score_plans(self, plans: list[list[Window]]) -> list[float]:
+        """Scores of any pruned models, each given as the source window of every output block (dropped
+        blocks simply absent), computed in one bottom-up sweep: each plan starts from the cached state
+        where it first departs from the original model, and at every source block the plans that run
+        the same block (original or merged) run it together, so each block is loaded once per sweep."""
+        keys = [tuple(plan) for plan in plans]
+        todo = [key for key in dict.fromkeys(keys) if key not in self.plan_scores]
+        if todo:
+            starts = [_departure(plan) for plan in todo]
+            hidden: dict[int, Tensor] = {}
+            cursor = list(starts)  # index of each plan's next entry (identity before the departure)
+            for block in range(min(starts), self.runner.num_blocks):
+                for index, start in enumerate(starts):
+                    if start == block:
+                        hidden[index] = self.cache.get(block)
+                groups: dict[Window, list[int]] = {}
+                for index in hidden:
+                    if cursor[index] < len(todo[index]) and todo[index][cursor[index]][0] == block:
+                        groups.setdefault(todo[index][cursor[index]], []).append(index)
+                for window, members in groups.items():
+                    batch = torch.cat([hidden[i] for i in members])
+                    outputs = self.runner.apply(self.runner.block(window, self.rule), block, batch)
+                    for i, output in zip(members, outputs.split(self.reference.shape[0]), strict=True):
+                        hidden[i] = output
+                        cursor[i] += 1
+            for index, key in enumerate(todo):
+                final = self.runner.final_norm(hidden.get(index, self.cache.get(self.runner.num_blocks)))
+                self.plan_scores[key] = similarity_to_reference(self.criterion, self.reference, final)
+            self.forward_passes += len(todo)
+            if self.on_evaluated is not None:
+                self.on_evaluated(len(todo))
+        return [self.plan_scores[key] for key in keys]
 
     def cached_score(self, committed: Committed, window: Window) -> float:
         return self.scores[(self._above(committed, window[1]), window)]
@@ -188,6 +209,70 @@ def sliding_search(
     if committed:  # the last committed window was scored on top of all the others
         result.similarity = scorer.cached_score(committed[:-1], committed[-1])
     return result
+
+
+def best_first_search(
+    scorer: CandidateScorer,
+    num_blocks: int,
+    *,
+    target_blocks: int | None = None,
+    threshold: float | None = None,
+    protect_top: int = 1,
+    protect_bottom: int = 0,
+) -> SearchResult:
+    """Grow merge windows one block at a time, always taking the growth that keeps the whole model most
+    similar to the original: each step scores every way to remove one more block (open a two-block
+    window on untouched blocks, or extend a window by its lower or upper neighbour) on the model with
+    all windows so far, in one sweep. Stops at `target_blocks` removed, or when the best growth is no
+    longer strictly above `threshold`.
+
+    The published scan spends a global similarity budget top-down on the first windows that pass,
+    and on models whose top blocks are sensitive it merges there and nowhere else; this search
+    places each removal where it costs least (bench/quality.md measures both).
+    """
+    if (target_blocks is None) == (threshold is None):
+        raise ValueError("give exactly one of target_blocks and threshold")
+    lowest, highest = protect_bottom, num_blocks - 1 - protect_top
+    windows: list[Window] = []
+    result = SearchResult(threshold=threshold, windows=[])
+    step = 0
+    while target_blocks is None or step < target_blocks:
+        growths = _growths(windows, lowest, highest)
+        if not growths:
+            break
+        scores = scorer.score_plans([output_blocks(grown, num_blocks) for grown, _ in growths])
+        best = max(range(len(growths)), key=scores.__getitem__)
+        accepted = threshold is None or scores[best] > threshold
+        step += 1
+        for index, ((_, window), score) in enumerate(zip(growths, scores, strict=True)):
+            chosen = index == best and accepted
+            result.candidates.append(Candidate(*window, score, chosen, f"step {step}" + (", taken" if chosen else "")))
+        if not accepted:
+            break
+        windows, result.similarity = growths[best][0], scores[best]
+    result.windows = windows
+    return result
+
+
+def _growths(windows: list[Window], lowest: int, highest: int) -> list[tuple[list[Window], Window]]:
+    """Every window set with one more block removed, each with the window that changed."""
+    covered = {b for lo, hi in windows for b in range(lo, hi + 1)}
+    free = [b for b in range(lowest, highest + 1) if b not in covered]
+    growths = [(sorted([*windows, (b, b + 1)]), (b, b + 1)) for b in free if b + 1 in free]
+    for index, (lo, hi) in enumerate(windows):
+        others = windows[:index] + windows[index + 1 :]
+        for grown in ((lo - 1, hi), (lo, hi + 1)):
+            if {grown[0], grown[1]} - {lo, hi} <= set(free):
+                growths.append((sorted([*others, grown]), grown))
+    return growths
+
+
+def _departure(block_sources: list[Window]) -> int:
+    """The first output position whose source is not the original block at that position."""
+    return next(
+        (position for position, window in enumerate(block_sources) if window != (position, position)),
+        len(block_sources),
+    )
 
 
 @dataclass

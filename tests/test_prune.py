@@ -43,8 +43,8 @@ def test_prune_by_threshold_writes_checkpoint_and_report(source, tmp_path):
     assert "tokenizer.json" in {p.name for p in out.iterdir()}
 
 
-def test_prune_to_a_block_count_is_exact_or_explained(source, tmp_path):
-    report = prune(source, tmp_path / "out", options(source, remove=3))
+def test_sliding_prune_to_a_block_count_is_exact_or_explained(source, tmp_path):
+    report = prune(source, tmp_path / "out", options(source, remove=3, search="sliding"))
     audit = json.loads((tmp_path / "out" / "slm_report.json").read_text())
     search = audit["threshold_search"]
     assert search["target_blocks"] == 3 and len(search["tried"]) >= 2
@@ -54,9 +54,17 @@ def test_prune_to_a_block_count_is_exact_or_explained(source, tmp_path):
         assert "jumps from" in search["reason"]
 
 
+def test_best_first_prune_removes_exactly_the_target(source, tmp_path):
+    report = prune(source, tmp_path / "out", options(source, remove=3))
+    audit = json.loads((tmp_path / "out" / "slm_report.json").read_text())
+    assert report.blocks_before - report.blocks_after == 3 == audit["search"]["blocks_removed"]
+    taken = [c for c in audit["search"]["candidates"] if c["passed"]]
+    assert len(taken) == 3 and taken[-1]["similarity"] == pytest.approx(report.similarity)
+
+
 def test_same_calibration_gives_the_same_decisions(source, tmp_path):
-    a = prune(source, tmp_path / "a", options(source, threshold=0.4))
-    b = prune(source, tmp_path / "b", options(source, threshold=0.4, speculate=3))
+    a = prune(source, tmp_path / "a", options(source, threshold=0.4, search="sliding"))
+    b = prune(source, tmp_path / "b", options(source, threshold=0.4, search="sliding", speculate=3))
     assert a.windows == b.windows
     ids_a = json.loads((tmp_path / "a" / "slm_report.json").read_text())["calibration"]["token_ids"]
     ids_b = json.loads((tmp_path / "b" / "slm_report.json").read_text())["calibration"]["token_ids"]

@@ -5,14 +5,15 @@ import itertools
 
 import pytest
 import torch
-from reference_slm import reference_slm
+from reference_slm import final_hidden, reference_slm
+from test_export import merge_in_memory
 from tiny_models import save_tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
 from slm_fast.checkpoint.reader import CheckpointReader
 from slm_fast.runtime.cache import HiddenStateCache
 from slm_fast.runtime.stream import BlockRunner, calibrate
-from slm_fast.slm import CandidateScorer, SearchResult, search_threshold, sliding_search
+from slm_fast.slm import CandidateScorer, SearchResult, best_first_search, search_threshold, sliding_search
 
 IDS = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
 # Per architecture: thresholds that exercise different decisions on the tiny random model below, and
@@ -124,3 +125,56 @@ def test_threshold_search_survives_the_reference_quirk():
     assert not three.exact and three.result.blocks_removed == 2  # the tie goes to the smaller removal
     assert "removal jumps from 4" in three.reason and "to 2" in three.reason
     assert abs([t for t, r in three.tried if r == 4][-1] - 0.45) < 1e-6  # bisected down to the jump
+
+
+def whole_model_similarity(folder, windows, rule):
+    """Oracle: the model with `windows` merged, built in memory, scored like the reference criterion."""
+    original = AutoModelForCausalLM.from_pretrained(folder).eval()
+    merged = merge_in_memory(AutoModelForCausalLM.from_pretrained(folder).eval(), windows, rule)
+    return (
+        torch.stack(
+            [
+                torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0)
+                for a, b in zip(final_hidden(original, IDS), final_hidden(merged, IDS), strict=True)
+            ]
+        )
+        .mean()
+        .item()
+    )
+
+
+def test_best_first_takes_the_growth_the_whole_model_oracle_prefers(checkpoint):
+    scorer = make_scorer(checkpoint, rule="keep_high")
+    result = best_first_search(scorer, 10, target_blocks=3)
+    assert sum(hi - lo for lo, hi in result.windows) == 3
+    windows = []
+    for step in (1, 2, 3):
+        candidates = [c for c in result.candidates if c.note.startswith(f"step {step}")]
+        for c in candidates:  # every growth's score is the merged model's, computed independently
+            grown = sorted([w for w in windows if not (c.lo <= w[0] and w[1] <= c.hi)] + [(c.lo, c.hi)])
+            assert c.similarity == pytest.approx(whole_model_similarity(checkpoint, grown, "keep_high"), abs=1e-6)
+        best = max(candidates, key=lambda c: c.similarity)
+        assert best.passed and sum(c.passed for c in candidates) == 1
+        windows = sorted([w for w in windows if not (best.lo <= w[0] and w[1] <= best.hi)] + [(best.lo, best.hi)])
+    assert windows == result.windows
+    assert result.similarity == pytest.approx(
+        max(c.similarity for c in result.candidates if c.note.startswith("step 3"))
+    )
+
+
+def test_best_first_threshold_and_one_sweep_per_step(checkpoint):
+    scorer = make_scorer(checkpoint, rule="mean", budget=0)
+    before = scorer.runner.blocks_loaded
+    result = best_first_search(scorer, 10, threshold=0.5, protect_top=1, protect_bottom=1)
+    steps = {c.note.split(",")[0] for c in result.candidates}
+    # Out of core, each step reads every block at most once per distinct block it runs, merges aside.
+    merged_reads = sum(c.hi - c.lo + 1 for c in result.candidates)
+    assert scorer.runner.blocks_loaded - before <= len(steps) * 10 + merged_reads
+    assert all(lo >= 1 and hi <= 8 for lo, hi in result.windows)
+    taken = [c for c in result.candidates if c.passed]
+    assert all(c.similarity > 0.5 for c in taken)
+    last_step = [c for c in result.candidates if c.note.startswith(f"step {len(steps)}")]
+    if len(taken) < len(steps):  # stopped because the best growth fell to the threshold
+        assert max(c.similarity for c in last_step) <= 0.5
+    with pytest.raises(ValueError, match="exactly one"):
+        best_first_search(scorer, 10)

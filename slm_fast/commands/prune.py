@@ -9,7 +9,7 @@ from slm_fast.baselines import METHODS
 from slm_fast.checkpoint.writer import parse_size
 from slm_fast.criteria import CRITERIA
 from slm_fast.merge import RULES
-from slm_fast.prune import PruneOptions, prune
+from slm_fast.prune import SEARCHES, PruneOptions, prune
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -42,6 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=METHODS,
         default=defaults.method,
         help="slm, or a peer baseline: shortgpt (block influence), gromov (angular distance), laco, last-n",
+    )
+    parser.add_argument(
+        "--search",
+        choices=SEARCHES,
+        default=defaults.search,
+        help="slm window search: best-first (each removal where the whole model stays most similar; the "
+        "default, see bench/quality.md) or sliding (the paper's top-down scan)",
     )
     parser.add_argument("--laco-merge-layers", type=int, default=defaults.laco_merge_layers, help="LaCo's MERGE_LAYERS")
     parser.add_argument("--laco-interval", type=int, default=defaults.laco_interval, help="LaCo's INTERVAL")
@@ -78,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         ratio=args.ratio,
         preset=args.preset,
         method=args.method,
+        search=args.search,
         laco_merge_layers=args.laco_merge_layers,
         laco_interval=args.laco_interval,
         criterion=args.criterion,
