@@ -24,19 +24,49 @@ from harness import run_child, slm_fast_command
 
 PPL_CORPORA = ("austen:pride_and_prejudice", "boolq")
 PAPER_METRICS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+# The sliding scan (the paper's) with every criterion and rule; the best-first search with the rules
+# worth comparing under the cosine criterion, and the CKA criteria with keep_high. The sliding scan
+# with a CKA criterion is measured at the smaller removal only (`--sliding-cka-at`).
 CRITERIA = ("cosine", "cka-linear", "cka-rbf")
-RULES = ("keep_high", "keep_high_norms_low", "mean", "keep_low")
+SLIDING_RULES = ("keep_high", "keep_high_norms_low", "mean", "keep_low", "sum", "rdsc")
+BEST_FIRST = (
+    *(("cosine", rule) for rule in ("keep_high", "keep_low", "mean", "rdsc", "keep_high_norms_low")),
+    ("cka-linear", "keep_high"),
+    ("cka-rbf", "keep_high"),
+)
 BASELINES = ("shortgpt", "gromov", "laco", "last-n")
 
 
-def configurations(extra_rules: bool) -> dict[str, list[str]]:
+def configurations(remove: int, sliding_cka_at: int) -> dict[str, list[str]]:
     configs = {"slm reference preset": ["--preset", "reference"]}
     for criterion in CRITERIA:
-        for rule in RULES + (("sum", "rdsc") if extra_rules and criterion == "cosine" else ()):
-            configs[f"slm {criterion} {rule}"] = ["--criterion", criterion, "--rule", rule]
+        if criterion != "cosine" and remove != sliding_cka_at:
+            continue
+        for rule in SLIDING_RULES if criterion == "cosine" else SLIDING_RULES[:4]:
+            configs[f"slm sliding {criterion} {rule}"] = [
+                "--search",
+                "sliding",
+                "--criterion",
+                criterion,
+                "--rule",
+                rule,
+            ]
+    for criterion, rule in BEST_FIRST:
+        configs[f"slm best-first {criterion} {rule}"] = [
+            "--search",
+            "best-first",
+            "--criterion",
+            criterion,
+            "--rule",
+            rule,
+        ]
     for method in BASELINES:
         configs[method] = ["--method", method]
     return configs
+
+
+def _slm_flags(search: str, criterion: str, rule: str) -> list[str]:
+    return ["--search", search, "--criterion", criterion, "--rule", rule]
 
 
 def prune(model: Path, out: Path, remove: int, flags: list[str]) -> dict:
@@ -87,7 +117,8 @@ def main() -> None:
     parser.add_argument("--remove", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--limit", type=int, default=200, help="documents per zero-shot task")
     parser.add_argument("--best", type=int, default=2, help="SLM configurations of stage 1 carried to stage 2")
-    parser.add_argument("--extra-rules", action="store_true", help="also sum and rdsc (they break the model)")
+    parser.add_argument("--sliding-cka-at", type=int, default=4, help="removal at which sliding+CKA rows run")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense model (another run scores it)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/slm_fast_quality"))
     parser.add_argument("--results", type=Path, default=Path("bench/quality.json"))
     parser.add_argument("--out", type=Path, default=Path("bench/quality.md"))
@@ -98,11 +129,11 @@ def main() -> None:
         args.results.write_text(json.dumps(results, indent=1) + "\n")
 
     dense = results.setdefault("dense", {})
-    if "ppl" not in dense:
+    if "ppl" not in dense and not args.no_dense:
         dense["ppl"] = perplexities(args.model, args.workdir / "dense")
         save()
     for remove in args.remove:
-        for name, flags in configurations(args.extra_rules).items():
+        for name, flags in configurations(remove, args.sliding_cka_at).items():
             row = results.setdefault(f"{remove}/{name}", {})
             if "ppl" in row:
                 continue
@@ -112,7 +143,7 @@ def main() -> None:
             print(f"{remove} {name}: {row['prune']['blocks']} blocks, ppl {row['ppl']}", flush=True)
             save()
 
-    if "zero_shot" not in dense:
+    if "zero_shot" not in dense and not args.no_dense:
         dense["zero_shot"] = zero_shot(args.model, args.limit, args.workdir / "dense")
         save()
     for remove in args.remove:
@@ -122,7 +153,7 @@ def main() -> None:
                 continue
             out = args.workdir / f"{remove}-{name.replace(' ', '_')}"
             if not out.exists():
-                row["prune"] = prune(args.model, out, remove, configurations(True)[name])
+                row["prune"] = prune(args.model, out, remove, configurations(remove, args.sliding_cka_at)[name])
             row["zero_shot"] = zero_shot(out, args.limit, args.workdir / "eval")
             print(f"{remove} {name}: zero-shot {row['zero_shot']}", flush=True)
             save()
@@ -133,7 +164,11 @@ def main() -> None:
 
 def stage_two(results: dict, remove: int, best: int) -> list[str]:
     """The reference preset, the `best` SLM configurations by mean log-perplexity, every baseline."""
-    slm = [k.split("/", 1)[1] for k in results if k.startswith(f"{remove}/slm ") and "preset" not in k]
+    slm = [
+        k.split("/", 1)[1]
+        for k in results
+        if k.startswith(f"{remove}/slm ") and "preset" not in k and "ppl" in results[k]
+    ]
     ranked = sorted(slm, key=lambda name: _ppl_score(results[f"{remove}/{name}"]))
     return ["slm reference preset", *ranked[:best], *BASELINES]
 
@@ -160,9 +195,13 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
     ]
     dense = results["dense"]
     lines.append(_row("dense", 30, 134.5, dense, None, tasks))
-    for key, row in results.items():
-        if key == "dense":
-            continue
+    order = {
+        name: i
+        for i, name in enumerate(configurations(0, 0) | configurations(args.sliding_cka_at, args.sliding_cka_at))
+    }
+    keys = sorted((k for k in results if k != "dense"), key=lambda k: (int(k.split("/")[0]), order[k.split("/", 1)[1]]))
+    for key in keys:
+        row = results[key]
         remove, name = key.split("/", 1)
         prune_info = row["prune"]
         label = f"-{remove}: {name}"
