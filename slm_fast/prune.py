@@ -151,6 +151,8 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
     finally:
         cache.close()
 
+    report = _report_json(reader, options, input_ids, selection, scorer)
+    report["timings_s"] = timings
     tick = time.perf_counter()
     exported = export_merged_checkpoint(
         reader,
@@ -163,14 +165,15 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
         overwrite=options.overwrite,
         progress=options.progress,
         provenance={"report": REPORT_NAME, "method": options.method, "criterion": options.criterion},
-        extra_files={REPORT_NAME: ""},
+        extra_files={REPORT_NAME: json.dumps(report, indent=1) + "\n"},
     )
+    # The write's own figures are known only now: the report is replaced atomically with them added.
     timings["write"] = time.perf_counter() - tick
-    report = _report_json(reader, options, input_ids, selection, scorer)
-    report["timings_s"] = timings
     report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report["parameters"] = {"before": exported.parameters_before, "after": exported.parameters_after}
-    (exported.output / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
+    partial = exported.output / f".{REPORT_NAME}.partial"
+    partial.write_text(json.dumps(report, indent=1) + "\n")
+    partial.replace(exported.output / REPORT_NAME)
     return PruneReport(
         output=exported.output,
         method=options.method,
