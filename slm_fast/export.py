@@ -87,7 +87,7 @@ def export_merged_checkpoint(
     check_output_location(reader.folder, output, overwrite=overwrite)
     layout = _layout(reader, plan, dtype)
     writer_total = sum(torch.empty((), dtype=dt).element_size() * _numel(shape) for _, dt, shape in layout)
-    ensure_free_space(output.resolve().parent if not output.exists() else output.resolve(), writer_total)
+    ensure_free_space(output, writer_total)
 
     with staged_folder(output, overwrite=overwrite) as staging:
         writer = ShardedWriter(staging, layout, max_shard_bytes)

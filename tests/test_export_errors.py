@@ -103,3 +103,8 @@ def test_not_enough_free_space_up_front(source, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"not enough disk space in .*: the output needs 0\.00 GB, 0\.00 GB free"):
         export_merged_checkpoint(source, tmp_path / "out", [(1, 3)], progress=False)
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_output_in_folders_that_do_not_exist_yet(source, tmp_path):
+    result = export_merged_checkpoint(source, tmp_path / "new" / "deeper" / "out", [(1, 2)], progress=False)
+    assert (result.output / "config.json").exists()

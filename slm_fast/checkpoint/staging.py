@@ -72,9 +72,15 @@ def copy_tagalong_files(source: Path, destination: Path) -> list[str]:
     return copied
 
 
-def ensure_free_space(folder: Path, needed_bytes: int) -> None:
-    free = shutil.disk_usage(folder).free
+def ensure_free_space(output: Path, needed_bytes: int) -> None:
+    """Fail early when the filesystem that will hold `output` (which may not exist yet, nor its
+    parents) has less room than the output needs."""
+    existing = output.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
     if free < needed_bytes:
         raise CheckpointError(
-            f"not enough disk space in {folder}: the output needs {needed_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free"
+            f"not enough disk space in {existing}: the output needs {needed_bytes / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB free"
         )
