@@ -170,7 +170,9 @@ def stage_two(results: dict, remove: int, best: int) -> list[str]:
         if k.startswith(f"{remove}/slm ") and "preset" not in k and "ppl" in results[k]
     ]
     ranked = sorted(slm, key=lambda name: _ppl_score(results[f"{remove}/{name}"]))
-    return ["slm reference preset", *ranked[:best], *BASELINES]
+    distinct = list({_ppl_score(results[f"{remove}/{name}"]): name for name in reversed(ranked)}.values())[::-1]
+    # Identical perplexities mean identical models (keep_high over [a, b] drops what keep_low over [a-1, b-1] does).
+    return ["slm reference preset", *sorted(distinct, key=ranked.index)[:best], *BASELINES]
 
 
 def _ppl_score(row: dict) -> float:
