@@ -22,6 +22,8 @@ from pathlib import Path
 
 from harness import run_child, slm_fast_command
 
+from slm_fast.checkpoint.reader import CheckpointReader
+
 PPL_CORPORA = ("austen:pride_and_prejudice", "boolq")
 PAPER_METRICS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 # The sliding scan (the paper's) with every criterion and rule; the best-first search with the rules
@@ -65,10 +67,6 @@ def configurations(remove: int, sliding_cka_at: int) -> dict[str, list[str]]:
     return configs
 
 
-def _slm_flags(search: str, criterion: str, rule: str) -> list[str]:
-    return ["--search", search, "--criterion", criterion, "--rule", rule]
-
-
 def prune(model: Path, out: Path, remove: int, flags: list[str]) -> dict:
     command = slm_fast_command(
         "--threads", "1", "prune", str(model), str(out), "--remove", str(remove), "--overwrite", "--no-progress",
@@ -84,7 +82,7 @@ def prune(model: Path, out: Path, remove: int, flags: list[str]) -> dict:
         "dropped": report["dropped"],
         "similarity": report["similarity"],
         "parameters": report["parameters"]["after"],
-        "blocks": 30 - report.get("search", {}).get("blocks_removed", len(report["dropped"])),
+        "blocks": json.loads((out / "config.json").read_text())["num_hidden_layers"],
         "threshold_search": report.get("threshold_search"),
     }
 
@@ -115,7 +113,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("runs/smollm2"))
     parser.add_argument("--remove", type=int, nargs="+", default=[4, 8])
-    parser.add_argument("--limit", type=int, default=200, help="documents per zero-shot task")
+    parser.add_argument("--title", default="SmolLM2-135M-Instruct", help="model name in the table's title")
+    parser.add_argument("--configs", nargs="+", default=None, help="only these rows (names as in the table)")
+    parser.add_argument("--limit", type=int, default=200, help="documents per zero-shot task (0: perplexity only)")
     parser.add_argument("--best", type=int, default=2, help="SLM configurations of stage 1 carried to stage 2")
     parser.add_argument("--sliding-cka-at", type=int, default=4, help="removal at which sliding+CKA rows run")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense model (another run scores it)")
@@ -134,6 +134,8 @@ def main() -> None:
         save()
     for remove in args.remove:
         for name, flags in configurations(remove, args.sliding_cka_at).items():
+            if args.configs is not None and name not in args.configs:
+                continue
             row = results.setdefault(f"{remove}/{name}", {})
             if "ppl" in row:
                 continue
@@ -143,10 +145,10 @@ def main() -> None:
             print(f"{remove} {name}: {row['prune']['blocks']} blocks, ppl {row['ppl']}", flush=True)
             save()
 
-    if "zero_shot" not in dense and not args.no_dense:
+    if "zero_shot" not in dense and not args.no_dense and args.limit > 0:
         dense["zero_shot"] = zero_shot(args.model, args.limit, args.workdir / "dense")
         save()
-    for remove in args.remove:
+    for remove in args.remove if args.limit > 0 else ():
         for name in stage_two(results, remove, args.best):
             row = results[f"{remove}/{name}"]
             if "zero_shot" in row:
@@ -172,7 +174,8 @@ def stage_two(results: dict, remove: int, best: int) -> list[str]:
     ranked = sorted(slm, key=lambda name: _ppl_score(results[f"{remove}/{name}"]))
     distinct = list({_ppl_score(results[f"{remove}/{name}"]): name for name in reversed(ranked)}.values())[::-1]
     # Identical perplexities mean identical models (keep_high over [a, b] drops what keep_low over [a-1, b-1] does).
-    return ["slm reference preset", *sorted(distinct, key=ranked.index)[:best], *BASELINES]
+    chosen = ["slm reference preset", *sorted(distinct, key=ranked.index)[:best], *BASELINES]
+    return [name for name in chosen if "ppl" in results.get(f"{remove}/{name}", {})]
 
 
 def _ppl_score(row: dict) -> float:
@@ -181,47 +184,66 @@ def _ppl_score(row: dict) -> float:
 
 def markdown(results: dict, args: argparse.Namespace) -> str:
     tasks = list(PAPER_METRICS)
-    header = ["model", "blocks", "params (M)", "PPL P&P", "PPL BoolQ", *tasks, "avg", "prune s"]
+    source = CheckpointReader(args.model)
+    blocks = source.num_blocks
+    parameters = sum(loc.entry.nbytes // loc.entry.dtype.itemsize for loc in source.locations.values())
+    header = ["model", "blocks", "params (M)", "PPL P&P", "PPL BoolQ", *tasks, "avg", "avg w/o BoolQ", "prune s"]
+    header.append("merged")
     lines = [
-        "# Quality table: SmolLM2-135M-Instruct (30 blocks)",
+        f"# Quality table: {args.title} ({blocks} blocks)",
         "",
         f"Generated {time.strftime('%Y-%m-%d')} by `python bench/quality.py` on this CPU (1 thread). Calibration: "
         "10 x 128 tokens of *Emma* (seed 1234) for every method. Perplexity: 8 windows of 512 tokens of *Pride "
         f"and Prejudice* and of BoolQ's Wikipedia paragraphs (never calibration text). Zero-shot: first {args.limit} "
         "validation documents of each task, lm-eval-harness prompts; acc for BoolQ, PIQA, WinoGrande, ARC-e; "
         "acc_norm (length in characters of the choice, as the harness) for HellaSwag, ARC-c, OBQA; avg = "
-        "plain mean of the seven. Rows without zero-shot scores were ranked on perplexity only (stage 1).",
+        "plain mean of the seven. BoolQ is mostly a yes-bias test at this size (the dense model scores below "
+        "the 62% of always answering yes), hence the average without it. Rows without zero-shot scores were "
+        "ranked on perplexity only (stage 1). Merged: windows collapsed into one block each, or blocks "
+        "dropped (source numbering).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
     dense = results["dense"]
-    lines.append(_row("dense", 30, 134.5, dense, None, tasks))
+    lines.append(_row("dense", blocks, parameters / 1e6, dense, None, tasks, ""))
     order = {
         name: i
         for i, name in enumerate(configurations(0, 0) | configurations(args.sliding_cka_at, args.sliding_cka_at))
     }
-    keys = sorted((k for k in results if k != "dense"), key=lambda k: (int(k.split("/")[0]), order[k.split("/", 1)[1]]))
+    scored = (k for k in results if k != "dense" and "ppl" in results[k])
+    keys = sorted(scored, key=lambda k: (int(k.split("/")[0]), order[k.split("/", 1)[1]]))
     for key in keys:
         row = results[key]
         remove, name = key.split("/", 1)
         prune_info = row["prune"]
         label = f"-{remove}: {name}"
         lines.append(
-            _row(label, prune_info["blocks"], prune_info["parameters"] / 1e6, row, prune_info["seconds"], tasks)
-        )
+            _row(label, prune_info["blocks"], prune_info["parameters"] / 1e6, row, prune_info["seconds"], tasks,
+                 _merged(prune_info))
+        )  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
-def _row(label: str, blocks: int, params: float, row: dict, seconds: float | None, tasks: list[str]) -> str:
+def _row(
+    label: str, blocks: int, params: float, row: dict, seconds: float | None, tasks: list[str], merged: str
+) -> str:
     ppl = [f"{row['ppl'][c]:.2f}" for c in PPL_CORPORA]
     if "zero_shot" in row:
-        scores = [row["zero_shot"][t] for t in tasks]
-        zs = [f"{100 * s:.1f}" for s in scores] + [f"**{100 * sum(scores) / len(scores):.2f}**"]
+        scores = [100 * row["zero_shot"][t] for t in tasks]
+        without_boolq = [s for t, s in zip(tasks, scores, strict=True) if t != "boolq"]
+        zs = [f"{s:.1f}" for s in scores]
+        zs += [f"**{sum(scores) / len(scores):.2f}**", f"**{sum(without_boolq) / len(without_boolq):.2f}**"]
     else:
-        zs = [""] * (len(tasks) + 1)
+        zs = [""] * (len(tasks) + 2)
     timing = "" if seconds is None else f"{seconds:.0f}"
-    return "| " + " | ".join([label, str(blocks), f"{params:.1f}", *ppl, *zs, timing]) + " |"
+    return "| " + " | ".join([label, str(blocks), f"{params:.1f}", *ppl, *zs, timing, merged]) + " |"
+
+
+def _merged(prune_info: dict) -> str:
+    windows = [f"{lo}-{hi}" for lo, hi in prune_info["windows"]]
+    dropped = [str(block) for block in prune_info.get("dropped") or []]
+    return " ".join(windows + ([f"drop {','.join(dropped)}"] if dropped else []))
 
 
 if __name__ == "__main__":
