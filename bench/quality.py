@@ -142,6 +142,8 @@ def main() -> None:
             out = args.workdir / f"{remove}-{name.replace(' ', '_')}"
             row["prune"] = prune(args.model, out, remove, flags)
             row["ppl"] = perplexities(out, args.workdir / "eval")
+            if args.limit == 0:  # no stage 2 will score it: free the disk (a 0.5B model is 2.5 GB in fp32)
+                shutil.rmtree(out)
             print(f"{remove} {name}: {row['prune']['blocks']} blocks, ppl {row['ppl']}", flush=True)
             save()
 
