@@ -222,9 +222,9 @@ def best_first_search(
 ) -> SearchResult:
     """Grow merge windows one block at a time, always taking the growth that keeps the whole model most
     similar to the original: each step scores every way to remove one more block (open a two-block
-    window on untouched blocks, or extend a window by its lower or upper neighbour) on the model with
-    all windows so far, in one sweep. Stops at `target_blocks` removed, or when the best growth is no
-    longer strictly above `threshold`.
+    window on untouched blocks, extend a window by an untouched neighbour, or fuse two adjacent
+    windows) on the model with all windows so far, in one sweep. Stops at `target_blocks` removed, or
+    when the best growth is no longer strictly above `threshold`.
 
     The published scan spends a global similarity budget top-down on the first windows that pass,
     and on models whose top blocks are sensitive it merges there and nowhere else; this search
@@ -255,15 +255,21 @@ def best_first_search(
 
 
 def _growths(windows: list[Window], lowest: int, highest: int) -> list[tuple[list[Window], Window]]:
-    """Every window set with one more block removed, each with the window that changed."""
+    """Every window set with one more block removed that keeps each window inside a window (sorted
+    `windows` in, each growth with the window that changed). Fusing adjacent windows matters: without
+    it, [13, 15] + [16, 19] could never become the single window [13, 19] that removes one more."""
     covered = {b for lo, hi in windows for b in range(lo, hi + 1)}
-    free = [b for b in range(lowest, highest + 1) if b not in covered]
-    growths = [(sorted([*windows, (b, b + 1)]), (b, b + 1)) for b in free if b + 1 in free]
+    free = {b for b in range(lowest, highest + 1) if b not in covered}
+    growths = [(sorted([*windows, (b, b + 1)]), (b, b + 1)) for b in sorted(free) if b + 1 in free]
     for index, (lo, hi) in enumerate(windows):
         others = windows[:index] + windows[index + 1 :]
         for grown in ((lo - 1, hi), (lo, hi + 1)):
-            if {grown[0], grown[1]} - {lo, hi} <= set(free):
+            if {grown[0], grown[1]} - {lo, hi} <= free:
                 growths.append((sorted([*others, grown]), grown))
+    for (lo, hi), (next_lo, next_hi) in itertools.pairwise(windows):
+        if hi + 1 == next_lo:
+            fused = (lo, next_hi)
+            growths.append((sorted([w for w in windows if w not in ((lo, hi), (next_lo, next_hi))] + [fused]), fused))
     return growths
 
 

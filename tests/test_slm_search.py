@@ -13,7 +13,14 @@ from transformers import AutoModelForCausalLM
 from slm_fast.checkpoint.reader import CheckpointReader
 from slm_fast.runtime.cache import HiddenStateCache
 from slm_fast.runtime.stream import BlockRunner, calibrate
-from slm_fast.slm import CandidateScorer, SearchResult, best_first_search, search_threshold, sliding_search
+from slm_fast.slm import (
+    CandidateScorer,
+    SearchResult,
+    _growths,
+    best_first_search,
+    search_threshold,
+    sliding_search,
+)
 
 IDS = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
 # Per architecture: thresholds that exercise different decisions on the tiny random model below, and
@@ -178,3 +185,31 @@ def test_best_first_threshold_and_one_sweep_per_step(checkpoint):
         assert max(c.similarity for c in last_step) <= 0.5
     with pytest.raises(ValueError, match="exactly one"):
         best_first_search(scorer, 10)
+
+
+def _window_sets(lowest, highest):
+    """Every set of disjoint windows of two or more blocks inside [lowest, highest] (brute force)."""
+    if highest - lowest < 1:
+        return [[]]
+    sets = _window_sets(lowest + 1, highest)  # block `lowest` untouched
+    for hi in range(lowest + 1, highest + 1):
+        sets += [[(lowest, hi), *rest] for rest in _window_sets(hi + 1, highest)]
+    return sets
+
+
+@pytest.mark.parametrize("windows", [[], [(2, 3)], [(1, 2), (3, 5)], [(0, 1), (2, 3), (4, 7)], [(3, 4), (6, 7)]])
+def test_growths_are_every_way_to_remove_one_more_block(windows):
+    """The growths of a window set are exactly the window sets that remove one block more and keep each
+    current window inside one of theirs (adjacent windows fused included)."""
+    lowest, highest = 0, 7
+    removed = sum(hi - lo for lo, hi in windows)
+    expected = [
+        candidate
+        for candidate in _window_sets(lowest, highest)
+        if sum(hi - lo for lo, hi in candidate) == removed + 1
+        and all(any(lo <= w_lo and w_hi <= hi for lo, hi in candidate) for w_lo, w_hi in windows)
+    ]
+    growths = _growths(windows, lowest, highest)
+    assert sorted(grown for grown, _ in growths) == sorted(expected)
+    for grown, changed in growths:
+        assert changed in grown
