@@ -192,18 +192,23 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
     parameters = sum(loc.entry.nbytes // loc.entry.dtype.itemsize for loc in source.locations.values())
     header = ["model", "blocks", "params (M)", "PPL P&P", "PPL BoolQ", *tasks, "avg", "avg w/o BoolQ", "prune s"]
     header.append("merged")
+    zero_shot_note = (
+        f"Zero-shot: first {args.limit} validation documents of each task, lm-eval-harness prompts; acc for "
+        "BoolQ, PIQA, WinoGrande, ARC-e; acc_norm (length in characters of the choice, as the harness) for "
+        "HellaSwag, ARC-c, OBQA; avg = plain mean of the seven. BoolQ is mostly a yes-bias test at this size "
+        "(the dense model scores below the 62% of always answering yes), hence the average without it. Rows "
+        "without zero-shot scores were ranked on perplexity only (stage 1)."
+        if args.limit > 0
+        else "Perplexity only (no zero-shot run)."
+    )
     lines = [
         f"# Quality table: {args.title} ({blocks} blocks)",
         "",
-        f"Generated {time.strftime('%Y-%m-%d')} by `python bench/quality.py` on this CPU (1 thread). Calibration: "
-        "10 x 128 tokens of *Emma* (seed 1234) for every method. Perplexity: 8 windows of 512 tokens of *Pride "
-        f"and Prejudice* and of BoolQ's Wikipedia paragraphs (never calibration text). Zero-shot: first {args.limit} "
-        "validation documents of each task, lm-eval-harness prompts; acc for BoolQ, PIQA, WinoGrande, ARC-e; "
-        "acc_norm (length in characters of the choice, as the harness) for HellaSwag, ARC-c, OBQA; avg = "
-        "plain mean of the seven. BoolQ is mostly a yes-bias test at this size (the dense model scores below "
-        "the 62% of always answering yes), hence the average without it. Rows without zero-shot scores were "
-        "ranked on perplexity only (stage 1). Merged: windows collapsed into one block each, or blocks "
-        "dropped (source numbering).",
+        f"Generated {time.strftime('%Y-%m-%d')} by `python bench/quality.py` on this CPU (1 thread; prune "
+        "seconds depend on how busy the machine was). Calibration: 10 x 128 tokens of *Emma* (seed 1234) for "
+        "every method. Perplexity: 8 windows of 512 tokens of *Pride and Prejudice* and of BoolQ's Wikipedia "
+        f"paragraphs (never calibration text). {zero_shot_note} Merged: windows collapsed into one block each, "
+        "or blocks dropped (source numbering).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
