@@ -3,26 +3,17 @@ biases and an untied head; skipped unless `scripts/setup.sh --qwen` installed it
 
 import pytest
 import torch
+from real_model_checks import assert_streamed_forward_equals_full_model
 from test_export import logits, merge_in_memory
 from transformers import AutoModelForCausalLM
 
-from slm_fast.checkpoint.reader import CheckpointReader
 from slm_fast.export import export_merged_checkpoint
-from slm_fast.runtime.cache import HiddenStateCache
-from slm_fast.runtime.stream import BlockRunner, calibrate
 
 pytestmark = pytest.mark.slow
 
 
 def test_streamed_forward_equals_the_full_model(qwen25):
-    ids = torch.randint(0, 151_000, (2, 32), generator=torch.Generator().manual_seed(0))
-    model = AutoModelForCausalLM.from_pretrained(qwen25).eval()
-    with torch.no_grad():
-        full = model(ids, output_hidden_states=True)
-    runner = BlockRunner(CheckpointReader(qwen25))
-    final = calibrate(runner, ids, HiddenStateCache(), progress=False)
-    assert torch.equal(final, full.hidden_states[-1])
-    assert torch.equal(runner.logits(final), full.logits)
+    assert_streamed_forward_equals_full_model(qwen25, vocab_size=151_000, seq_len=32)
 
 
 def test_merged_checkpoint_equals_the_in_memory_merge(qwen25, tmp_path):

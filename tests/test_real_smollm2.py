@@ -4,28 +4,19 @@ import json
 
 import pytest
 import torch
+from real_model_checks import assert_streamed_forward_equals_full_model
 from reference_slm import reference_slm
 from test_export import logits, merge_in_memory
 from transformers import AutoModelForCausalLM
 
-from slm_fast.checkpoint.reader import CheckpointReader
 from slm_fast.export import export_merged_checkpoint
 from slm_fast.prune import PruneOptions, prune
-from slm_fast.runtime.cache import HiddenStateCache
-from slm_fast.runtime.stream import BlockRunner, calibrate
 
 pytestmark = pytest.mark.slow
 
 
 def test_streamed_forward_equals_the_full_model(smollm2):
-    ids = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(0))
-    model = AutoModelForCausalLM.from_pretrained(smollm2).eval()
-    with torch.no_grad():
-        full = model(ids, output_hidden_states=True)
-    runner = BlockRunner(CheckpointReader(smollm2))
-    final = calibrate(runner, ids, HiddenStateCache(), progress=False)
-    assert torch.equal(final, full.hidden_states[-1])
-    assert torch.equal(runner.logits(final), full.logits)
+    assert_streamed_forward_equals_full_model(smollm2, vocab_size=49152, seq_len=64)
 
 
 @pytest.mark.parametrize(("windows", "rule"), [([(20, 23), (10, 12)], "keep_high"), ([(25, 28)], "mean")])
