@@ -183,6 +183,8 @@ def test_best_first_threshold_and_one_sweep_per_step(checkpoint):
     last_step = [c for c in result.candidates if c.note.startswith(f"step {len(steps)}")]
     if len(taken) < len(steps):  # stopped because the best growth fell to the threshold
         assert max(c.similarity for c in last_step) <= 0.5
+    else:  # or because no growth was left inside the protected range
+        assert _growths(result.windows, 1, 8) == []
     with pytest.raises(ValueError, match="exactly one"):
         best_first_search(scorer, 10)
 
