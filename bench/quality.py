@@ -123,8 +123,12 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/slm_fast_quality"))
     parser.add_argument("--results", type=Path, default=Path("bench/quality.json"))
     parser.add_argument("--out", type=Path, default=Path("bench/quality.md"))
+    parser.add_argument("--table-only", action="store_true", help="write --out from --results, run nothing")
     args = parser.parse_args()
     results = json.loads(args.results.read_text()) if args.results.exists() else {}
+    if args.table_only:
+        args.out.write_text(markdown(results, args))
+        return
 
     def save() -> None:
         args.results.write_text(json.dumps(results, indent=1) + "\n")
@@ -174,10 +178,12 @@ def stage_two(results: dict, remove: int, best: int) -> list[str]:
         for k in results
         if k.startswith(f"{remove}/slm ") and "preset" not in k and "ppl" in results[k]
     ]
-    ranked = sorted(slm, key=lambda name: _ppl_score(results[f"{remove}/{name}"]))
-    distinct = list({_ppl_score(results[f"{remove}/{name}"]): name for name in reversed(ranked)}.values())[::-1]
-    # Identical perplexities mean identical models (keep_high over [a, b] drops what keep_low over [a-1, b-1] does).
-    chosen = ["slm reference preset", *sorted(distinct, key=ranked.index)[:best], *BASELINES]
+    # Identical perplexities mean identical models (keep_high over [a, b] drops what keep_low over [a-1, b-1] does):
+    # keep the first of each, in rank order.
+    by_score: dict[float, str] = {}
+    for name in sorted(slm, key=lambda name: _ppl_score(results[f"{remove}/{name}"])):
+        by_score.setdefault(_ppl_score(results[f"{remove}/{name}"]), name)
+    chosen = ["slm reference preset", *list(by_score.values())[:best], *BASELINES]
     return [name for name in chosen if "ppl" in results.get(f"{remove}/{name}", {})]
 
 
