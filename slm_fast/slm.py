@@ -28,9 +28,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
+from slm_fast.checkpoint.reader import CheckpointReader
 from slm_fast.criteria import similarity_to_reference
+from slm_fast.merge import merge_window
 from slm_fast.runtime.cache import HiddenStateCache
-from slm_fast.runtime.stream import BlockRunner
+from slm_fast.runtime.stream import BlockRunner, BlockSpec
 from slm_fast.windows import Window, output_blocks
 
 Committed = tuple[Window, ...]
@@ -66,11 +68,49 @@ class SearchResult:
         }
 
 
+def window_block(window: Window, rule: str, reader: CheckpointReader) -> BlockSpec:
+    """What the runner builds for source window [lo, hi]: the original block when lo == hi, else the
+    window merged by `rule` (built with the settings of its lowest layer, where it sits in the output)."""
+    lo, hi = window
+    if lo == hi:
+        return BlockSpec.original(lo)
+    reads = {"keep_high": (hi,), "keep_low": (lo,), "keep_high_norms_low": (lo, hi)}.get(rule, tuple(range(lo, hi + 1)))
+
+    def tensors(read_block):
+        return merge_window(read_block, lo, hi, rule, is_projection=reader.arch.is_projection)
+
+    return BlockSpec(("merged", lo, hi, rule), lo, reads, tensors)
+
+
+def sweep_schedule(plans: list[tuple[Window, ...]], num_blocks: int) -> list[tuple[int, list[tuple[Window, list[int]]]]]:
+    """The bottom-up sweep that scores `plans` (each the source window of every output block): for
+    every source block from the lowest departure up, the windows that start there with the plans that
+    run them. A plan joins at its departure (where it first differs from the original model)."""
+    starts = [_departure(list(plan)) for plan in plans]
+    cursor = list(starts)
+    schedule = []
+    for block in range(min(starts, default=num_blocks), num_blocks):
+        groups: dict[Window, list[int]] = {}
+        for index, plan in enumerate(plans):
+            if starts[index] <= block and cursor[index] < len(plan) and plan[cursor[index]][0] == block:
+                groups.setdefault(plan[cursor[index]], []).append(index)
+                cursor[index] += 1
+        if groups:
+            schedule.append((block, list(groups.items())))
+    return schedule
+
+
 class CandidateScorer:
     """Scores candidate models (committed windows plus one new window) against the original model.
 
-    `cache` holds the original hidden state at every block boundary and `reference` the original
-    final-norm outputs [N, S, d] of the same calibration tokens.
+    `cache` holds the original hidden state at every block boundary, in chunks of samples, and
+    `reference` the original final-norm outputs [N, S, d] of the same calibration tokens. The plan
+    states of a sweep live in the cache's store, so one memory budget bounds them with the boundaries
+    (what does not fit goes to host memory, then disk), and each runs one chunk of samples at a time.
+
+    Every score is memoised (`scores` for the sliding scan, `plan_scores` for whole plans);
+    `on_scored(kind, key, score)` sees each new one (the run journal), and entries put into the two
+    dicts beforehand are never recomputed (a resumed run).
     """
 
     def __init__(
@@ -82,13 +122,19 @@ class CandidateScorer:
         criterion: str,
         rule: str,
         on_evaluated: Callable[[int], None] | None = None,
+        on_scored: Callable[[str, tuple, float], None] | None = None,
     ):
         self.runner, self.cache, self.reference = runner, cache, reference
         self.criterion, self.rule = criterion, rule
         self.on_evaluated = on_evaluated
+        self.on_scored = on_scored
         self.scores: dict[tuple[Committed, Window], float] = {}  # (committed above, window) -> score
         self.plan_scores: dict[tuple[Window, ...], float] = {}  # block sources -> score
         self.forward_passes = 0
+        self.sweeps: list[list[tuple[Window, ...]]] = []  # the plans of every sweep run, in order
+
+    def spec(self, window: Window) -> BlockSpec:
+        return window_block(window, self.rule, self.runner.reader)
 
     def score(self, committed: Committed, windows: list[Window]) -> list[float]:
         """Scores of the models `committed` + one of `windows` (speculative extents sharing their top
@@ -103,11 +149,14 @@ class CandidateScorer:
         above = self._above(committed, hi)
         todo = [w for w in dict.fromkeys(windows) if (above, w) not in self.scores]
         if todo:
-            starts = [self.runner.apply(self.runner.block(w, self.rule), w[0], self.cache.get(w[0])) for w in todo]
+            starts = [self.runner.apply(self.runner.block(self.spec(w)), w[0], self.cache.get(w[0])) for w in todo]
             hidden = self._run_above(torch.cat(starts), hi + 1, above)
             outputs = self.runner.final_norm(hidden).split(self.reference.shape[0])
             for window, output in zip(todo, outputs, strict=True):
-                self.scores[(above, window)] = similarity_to_reference(self.criterion, self.reference, output)
+                score = similarity_to_reference(self.criterion, self.reference, output)
+                self.scores[(above, window)] = score
+                if self.on_scored is not None:
+                    self.on_scored("window", (above, window), score)
             self.forward_passes += len(todo)
             if self.on_evaluated is not None:
                 self.on_evaluated(len(todo))
@@ -115,36 +164,52 @@ class CandidateScorer:
 
     def score_plans(self, plans: list[list[Window]]) -> list[float]:
         """Scores of any pruned models, each given as the source window of every output block (dropped
-        blocks simply absent), computed in one bottom-up sweep: each plan starts from the cached state
-        where it first departs from the original model, and at every source block the plans that run
-        the same block (original or merged) run it together, so each block is loaded once per sweep."""
+        blocks simply absent), computed in one bottom-up sweep (`sweep_schedule`): each plan starts
+        from the cached state where it first departs from the original model, and every block run at
+        a source position is built once and applied to each plan that runs it, one chunk of samples at
+        a time, so each block is loaded once per sweep whatever the calibration size."""
         keys = [tuple(plan) for plan in plans]
         todo = [key for key in dict.fromkeys(keys) if key not in self.plan_scores]
         if todo:
-            starts = [_departure(plan) for plan in todo]
-            hidden: dict[int, Tensor] = {}
-            cursor = list(starts)  # index of each plan's next entry (identity before the departure)
-            for block in range(min(starts), self.runner.num_blocks):
-                for index, start in enumerate(starts):
-                    if start == block:
-                        hidden[index] = self.cache.get(block)
-                groups: dict[Window, list[int]] = {}
-                for index in hidden:
-                    if cursor[index] < len(todo[index]) and todo[index][cursor[index]][0] == block:
-                        groups.setdefault(todo[index][cursor[index]], []).append(index)
-                for window, members in groups.items():
-                    batch = torch.cat([hidden[i] for i in members])
-                    outputs = self.runner.apply(self.runner.block(window, self.rule), block, batch)
-                    for i, output in zip(members, outputs.split(self.reference.shape[0]), strict=True):
-                        hidden[i] = output
-                        cursor[i] += 1
-            for index, key in enumerate(todo):
-                final = self.runner.final_norm(hidden.get(index, self.cache.get(self.runner.num_blocks)))
-                self.plan_scores[key] = similarity_to_reference(self.criterion, self.reference, final)
+            self.sweeps.append(todo)
+            self._sweep(todo)
             self.forward_passes += len(todo)
             if self.on_evaluated is not None:
                 self.on_evaluated(len(todo))
         return [self.plan_scores[key] for key in keys]
+
+    def _sweep(self, todo: list[tuple[Window, ...]]) -> None:
+        store, chunks, num_blocks = self.cache.store, range(len(self.cache.chunks)), self.runner.num_blocks
+        schedule = sweep_schedule(todo, num_blocks)
+        self.runner.plan([self.spec(window) for _, groups in schedule for window, _ in groups])
+        running: set[int] = set()
+        try:
+            for block, groups in schedule:
+                for window, members in groups:
+                    spec = self.spec(window)
+                    module = self.runner.block(spec)
+                    for index in members:
+                        for chunk in chunks:
+                            state = ("plan", index, chunk)
+                            hidden = store.get(state) if index in running else self.cache.get_chunk(block, chunk)
+                            store.put(state, self.runner.apply(module, spec.layer_index, hidden))
+                        running.add(index)
+            for index, key in enumerate(todo):
+                finals = []
+                for chunk in chunks:
+                    state = ("plan", index, chunk)
+                    hidden = store.get(state) if index in running else self.cache.get_chunk(num_blocks, chunk)
+                    store.discard(state)
+                    finals.append(self.runner.final_norm(hidden))
+                final = torch.cat(finals) if len(finals) > 1 else finals[0]
+                score = similarity_to_reference(self.criterion, self.reference, final)
+                self.plan_scores[key] = score
+                if self.on_scored is not None:
+                    self.on_scored("plan", key, score)
+        finally:
+            for index in running:
+                for chunk in chunks:
+                    store.discard(("plan", index, chunk))
 
     def cached_score(self, committed: Committed, window: Window) -> float:
         return self.scores[(self._above(committed, window[1]), window)]
@@ -158,7 +223,7 @@ class CandidateScorer:
         block = start
         while block < self.runner.num_blocks:
             hi = tops.get(block, block)
-            hidden = self.runner.apply(self.runner.block((block, hi), self.rule), block, hidden)
+            hidden = self.runner.apply(self.runner.block(self.spec((block, hi))), block, hidden)
             block = hi + 1
         return hidden
 

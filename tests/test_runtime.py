@@ -1,13 +1,16 @@
 """Block-streamed forward passes equal transformers' own whole-model forward, bit for bit."""
 
+import random
+
 import pytest
 import torch
 from tiny_models import save_tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
 from slm_fast.checkpoint.reader import CheckpointReader
-from slm_fast.runtime.cache import HiddenStateCache
-from slm_fast.runtime.stream import BlockRunner, calibrate
+from slm_fast.runtime.cache import HiddenStateCache, TieredStore
+from slm_fast.runtime.residency import PlannedResidency
+from slm_fast.runtime.stream import BlockRunner, BlockSpec, calibrate
 
 IDS = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(1))  # 40 > qwen2's window of 16
 
@@ -50,8 +53,91 @@ def test_resident_blocks_respect_the_budget(tmp_path):
     runner.final_hidden(IDS)
     runner.final_hidden(IDS)
     assert runner.blocks_loaded == 4
-    merged = runner.block((1, 3), "mean")
-    assert runner.block((1, 3), "mean") is merged and runner.block((1, 3), "sum") is not merged
+    mean = BlockSpec("mean 1-3", 1, (1, 2, 3), lambda read: _mean([read(1), read(2), read(3)]))
+    merged = runner.block(mean)
+    assert runner.block(mean) is merged and runner.block(BlockSpec("other", 1, (1, 3), mean.tensors)) is not merged
+
+
+def _mean(blocks):
+    return {name: sum(b[name].float() for b in blocks) / len(blocks) for name in blocks[0]}
+
+
+def test_planned_residency_keeps_a_fixed_set_across_sweeps(tmp_path):
+    """LRU gets no hit when a sweep over four blocks repeats with room for two; the planned choice
+    keeps two resident (the ones reused soonest) and reads only the other two again."""
+    folder = save_tiny_checkpoint(tmp_path / "m", "llama", num_layers=4)
+    reader = CheckpointReader(folder)
+    runner = BlockRunner(reader, block_budget_bytes=2 * reader.block_nbytes(0))
+    first = runner.final_hidden(IDS)
+    for _ in range(3):
+        runner.plan([BlockSpec.original(i) for i in range(4)])
+        assert torch.equal(runner.final_hidden(IDS), first)
+    assert runner.blocks_loaded == 4 + 2 + 2 + 2  # the first pass is unplanned (LRU)
+    assert runner.bytes_read == sum(reader.block_nbytes(i) for i in range(4)) * 10 // 4
+
+
+def test_prefetch_changes_nothing_but_the_waiting(tmp_path):
+    folder = save_tiny_checkpoint(tmp_path / "m", "llama", num_layers=4)
+    results = {}
+    for prefetch in (False, True):
+        runner = BlockRunner(CheckpointReader(folder), prefetch=prefetch)
+        runner.plan([BlockSpec.original(i) for i in range(4)])
+        results[prefetch] = (runner.final_hidden(IDS), runner.blocks_loaded)
+        runner.close()
+    assert torch.equal(results[True][0], results[False][0]) and results[True][1] == results[False][1] == 4
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_planned_residency_is_optimal_on_random_sequences(seed):
+    """With the whole future announced, misses equal Belady's optimum computed by brute force."""
+    rng = random.Random(seed)
+    sequence = [rng.randrange(5) for _ in range(12)]
+    policy = PlannedResidency(budget_bytes=2)
+    policy.plan(sequence + sequence)  # the second half is what the policy's "repeat" assumes anyway
+    misses = 0
+    for key in sequence:
+        if not policy.access(key):
+            misses += 1
+            policy.admit(key, 1)
+    assert misses == _optimal_misses(sequence, 2)
+
+
+def _optimal_misses(sequence, capacity):
+    best = {frozenset(): 0}
+    for key in sequence:
+        nxt = {}
+        for held, misses in best.items():
+            if key in held:
+                options = [(held, misses)]
+            else:
+                options = [(held, misses + 1)]  # not kept
+                if len(held) < capacity:
+                    options.append((held | {key}, misses + 1))
+                options += [((held - {out}) | {key}, misses + 1) for out in held]
+            for state, m in options:
+                nxt[state] = min(m, nxt.get(state, m))
+        best = nxt
+    return min(best.values())
+
+
+def test_tiered_store_places_by_budget_and_returns_on_the_device(tmp_path):
+    store = TieredStore("cpu", device_budget_bytes=10**6, host_budget_bytes=80, spill_dir=tmp_path)
+    tensors = {k: torch.randn(2, 5, dtype=torch.float32) for k in "abc"}
+    assert [store.put(k, t) for k, t in tensors.items()] == ["host", "host", "disk"]  # no device tier on CPU
+    store.discard("a")
+    assert store.put("d", torch.ones(2, 5)) == "host"  # the freed room is reused
+    back = store.get("c")
+    assert torch.equal(back, tensors["c"]) and back.device.type == "cpu"
+    stats = store.ledger.stats()
+    assert stats["disk_bytes_written"] == stats["disk_bytes_read"] == 40 and stats["peak_bytes"]["host"] == 80
+    store.put("c", torch.zeros(2, 5))  # replacing a disk entry removes its file
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 1
+    view = torch.arange(100.0)[:10]
+    store.discard("b")
+    store.put("v", view)  # a view is stored as its own bytes, not its base's
+    assert store._memory["v"].untyped_storage().nbytes() == 40
+    store.close()
+    assert not list(tmp_path.rglob("*.safetensors"))
 
 
 def test_hidden_cache_spills_to_disk(tmp_path):

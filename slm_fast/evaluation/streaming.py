@@ -52,7 +52,7 @@ def stream_batches(
         for group in groups:
             hidden = {index: runner.embed(batches[index]) for index in group}
             for block_index in range(runner.num_blocks):
-                block = runner.block((block_index, block_index))
+                block = runner.block(block_index)
                 for index in group:
                     hidden[index] = runner.apply(block, block_index, hidden[index])
                 bar.update()

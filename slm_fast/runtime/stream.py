@@ -2,15 +2,18 @@
 
 `BlockRunner` applies the model's pieces with exactly the calls transformers' own forward makes
 (embedding, causal / sliding-window masks, rotary embeddings, decoder blocks, final norm, head), but
-lets the caller choose which block runs next and on which hidden states: the original blocks in
-order (calibration), or a merged block followed by the blocks above it (a pruning candidate).
-Original blocks are loaded from the reader on demand and kept while a memory budget allows.
+lets the caller choose which block runs next and on which hidden states. Blocks are described by the
+caller (`BlockSpec`: the checkpoint blocks to read and how to combine them), so the runtime knows
+nothing of how a caller derives new blocks from the original ones. Built blocks are kept while a byte
+budget allows (`PlannedResidency`: Belady's choice when the caller announces a sweep's order), and the
+next block to read is read from disk on a background thread while the current one computes.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -18,22 +21,47 @@ from tqdm.auto import tqdm
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from slm_fast.checkpoint.reader import CheckpointReader
-from slm_fast.merge import merge_window
 from slm_fast.runtime.blocks import ModelParts
 from slm_fast.runtime.cache import HiddenStateCache
-from slm_fast.windows import Window
+from slm_fast.runtime.residency import PlannedResidency
 
 MASK_BUILDERS: dict[str, Callable] = {
     "full_attention": create_causal_mask,
     "sliding_attention": create_sliding_window_causal_mask,
 }
 
+ReadBlock = Callable[[int], Mapping[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """A decoder block for the runner to build.
+
+    key: its identity for reuse (equal keys must mean equal weights).
+    layer_index: the source layer whose per-layer settings (attention type) the block is built with.
+    reads: the checkpoint blocks its tensors come from, in the order `tensors` reads them.
+    tensors: computes the block's tensors through the given reader; None = block reads[0] as stored.
+    """
+
+    key: Hashable
+    layer_index: int
+    reads: tuple[int, ...]
+    tensors: Callable[[ReadBlock], Mapping[str, Tensor]] | None = None
+
+    @classmethod
+    def original(cls, index: int) -> BlockSpec:
+        return cls(("original", index), index, (index,))
+
 
 class BlockRunner:
     """Block-streamed forward passes over token batches of one sequence length.
 
     micro_batch: sequences per block call (bounds activation memory; None = all at once).
-    block_budget_bytes: bytes of blocks (original or merged) kept resident for reuse (0 = rebuild every time).
+    block_budget_bytes: bytes of built blocks kept resident for reuse (0 = rebuild every time).
+    prefetch: read the next planned block on a background thread while the current one computes.
+
+    Counters: `blocks_loaded` (checkpoint blocks read), `bytes_read` (their bytes), `token_forwards`
+    (tokens passed through one block, summed over calls).
     """
 
     def __init__(
@@ -43,19 +71,32 @@ class BlockRunner:
         dtype: torch.dtype | None = None,
         micro_batch: int | None = None,
         block_budget_bytes: int = 0,
+        prefetch: bool = True,
     ):
         self.reader = reader
         self.parts = ModelParts(reader, device, dtype)
         self.device, self.dtype = self.parts.device, self.parts.dtype
         self.micro_batch = micro_batch
-        self.block_budget_bytes = block_budget_bytes
-        self._resident: OrderedDict[tuple[int, int, str], nn.Module] = OrderedDict()
-        self._resident_bytes = 0
-        self.blocks_loaded = 0  # source blocks read from the checkpoint so far
+        self.residency = PlannedResidency(block_budget_bytes)
+        self._resident: dict[Hashable, nn.Module] = {}
+        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slm-prefetch") if prefetch else None
+        self._prefetched: dict[int, Future] = {}
+        self._upcoming: dict[Hashable, BlockSpec] = {}
+        self.blocks_loaded = 0
+        self.bytes_read = 0
+        self.token_forwards = 0
 
     @property
     def num_blocks(self) -> int:
         return self.reader.num_blocks
+
+    @property
+    def block_budget_bytes(self) -> int:
+        return self.residency.budget_bytes
+
+    @block_budget_bytes.setter
+    def block_budget_bytes(self, value: int) -> None:
+        self.residency.budget_bytes = value
 
     # -- the pieces of a forward pass ---------------------------------------------------------------
     @torch.inference_mode()
@@ -63,9 +104,9 @@ class BlockRunner:
         return self.parts.embed(input_ids.to(self.device))
 
     @torch.inference_mode()
-    def apply(self, block: nn.Module, source_index: int, hidden: Tensor) -> Tensor:
-        """Run one decoder block (built as source block `source_index`) on hidden [B, S, d]."""
-        attention_type = self.parts.attention_type(source_index)
+    def apply(self, block: nn.Module, layer_index: int, hidden: Tensor) -> Tensor:
+        """Run one decoder block (built with layer `layer_index`'s settings) on hidden [B, S, d]."""
+        attention_type = self.parts.attention_type(layer_index)
         step = self.micro_batch or hidden.shape[0]
         outputs = []
         for start in range(0, hidden.shape[0], step):
@@ -82,6 +123,7 @@ class BlockRunner:
             outputs.append(
                 block(chunk, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
             )
+            self.token_forwards += chunk.shape[0] * chunk.shape[1]
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     @torch.inference_mode()
@@ -93,32 +135,50 @@ class BlockRunner:
         return self.parts.logits(normed)
 
     # -- blocks ------------------------------------------------------------------------------------
-    def block(self, window: Window, rule: str = "keep_high") -> nn.Module:
-        """The block for source window [lo, hi]: the original block when lo == hi, else the window
-        merged by `rule`. Blocks are kept resident (least recently used first out) while their bytes
-        fit the budget; otherwise they are rebuilt from the reader when asked for again."""
-        key = (*window, rule if window[0] != window[1] else "")
-        if key in self._resident:
-            self._resident.move_to_end(key)
-            return self._resident[key]
-        lo, hi = window
-        if lo == hi:
-            tensors = self._read_block(lo)
-        else:
-            tensors = merge_window(self._read_block, lo, hi, rule, is_projection=self.reader.arch.is_projection)
-        block = self.parts.block(tensors, lo)
-        size = _module_nbytes(block)
-        if size <= self.block_budget_bytes:
-            while self._resident and self._resident_bytes + size > self.block_budget_bytes:
-                _, evicted = self._resident.popitem(last=False)
-                self._resident_bytes -= _module_nbytes(evicted)
-            self._resident[key] = block
-            self._resident_bytes += size
+    def plan(self, specs: Sequence[BlockSpec]) -> None:
+        """Announce the blocks the next calls to `block` will ask for, in order: residency keeps what
+        the plan reuses soonest, and the first block to read is fetched in the background."""
+        self.residency.plan([spec.key for spec in specs])
+        self._upcoming = {spec.key: spec for spec in specs}
+        self._prefetch_next()
+
+    def block(self, spec: BlockSpec | int) -> nn.Module:
+        """The block described by `spec` (an int: that original block), built or resident."""
+        if isinstance(spec, int):
+            spec = BlockSpec.original(spec)
+        if self.residency.access(spec.key):
+            self._prefetch_next()
+            return self._resident[spec.key]
+        tensors = self.read_block(spec.reads[0]) if spec.tensors is None else spec.tensors(self.read_block)
+        self._prefetch_next()
+        block = self.parts.block(tensors, spec.layer_index)
+        evicted = self.residency.admit(spec.key, _module_nbytes(block))
+        for key in evicted or ():
+            del self._resident[key]
+        if evicted is not None:
+            self._resident[spec.key] = block
         return block
 
-    def _read_block(self, index: int) -> dict[str, Tensor]:
+    def read_block(self, index: int) -> Mapping[str, Tensor]:
+        """Block `index`'s tensors from the checkpoint (counted), taken from the prefetch when ready."""
         self.blocks_loaded += 1
-        return self.reader.read_block(index)
+        self.bytes_read += self.reader.block_nbytes(index)
+        future = self._prefetched.pop(index, None)
+        return future.result() if future is not None else self.reader.read_block(index)
+
+    def _prefetch_next(self) -> None:
+        """Start reading the first checkpoint block of the next planned block that is not resident
+        (one read in flight at most; a read the plan no longer wants is dropped)."""
+        if self._prefetcher is None:
+            return
+        index = next(
+            (self._upcoming[key].reads[0] for key in self.residency.upcoming() if key not in self._resident), None
+        )
+        if index is None or index in self._prefetched:
+            return
+        for stale in self._prefetched.values():
+            stale.cancel()
+        self._prefetched = {index: self._prefetcher.submit(self.reader.read_block, index)}
 
     # -- whole passes ------------------------------------------------------------------------------
     def run_blocks(
@@ -126,7 +186,7 @@ class BlockRunner:
     ):
         """Apply original blocks in order; `on_boundary(i, h)` sees the output of each block i."""
         for index in blocks:
-            hidden = self.apply(self.block((index, index)), index, hidden)
+            hidden = self.apply(self.block(index), index, hidden)
             if on_boundary is not None:
                 on_boundary(index, hidden)
         return hidden
@@ -135,6 +195,11 @@ class BlockRunner:
         """The final-norm hidden states of the unmodified model (what HF's hidden_states[-1] holds)."""
         return self.final_norm(self.run_blocks(self.embed(input_ids), range(self.num_blocks)))
 
+    def close(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True, cancel_futures=True)
+            self._prefetched.clear()
+
 
 def _module_nbytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
@@ -142,15 +207,15 @@ def _module_nbytes(module: nn.Module) -> int:
 
 def calibrate(runner: BlockRunner, input_ids: Tensor, cache: HiddenStateCache, *, progress: bool = True) -> Tensor:
     """Run the unmodified model on `input_ids` block by block, storing the hidden state at every block
-    boundary in `cache` (0 = embeddings ... L = last block's output); return the final-norm outputs."""
-    hidden = runner.embed(input_ids)
-    cache.put(0, hidden)
-    bar = tqdm(total=runner.num_blocks, desc="calibrating", unit="block", disable=not progress)
-
-    def store(index: int, output: Tensor) -> None:
-        cache.put(index + 1, output)
-        bar.update()
-
-    hidden = runner.run_blocks(hidden, range(runner.num_blocks), on_boundary=store)
-    bar.close()
-    return runner.final_norm(hidden)
+    boundary in `cache` (0 = embeddings ... L = last block's output) in chunks of `runner.micro_batch`
+    samples; return the final-norm outputs. Each block is read once, whatever the number of chunks."""
+    cache.set_chunks(input_ids.shape[0], runner.micro_batch)
+    runner.plan([BlockSpec.original(i) for i in range(runner.num_blocks)])
+    for chunk, (start, stop) in enumerate(cache.chunks):
+        cache.put_chunk(0, chunk, runner.embed(input_ids[start:stop]))
+    for index in tqdm(range(runner.num_blocks), desc="calibrating", unit="block", disable=not progress):
+        block = runner.block(index)
+        for chunk in range(len(cache.chunks)):
+            cache.put_chunk(index + 1, chunk, runner.apply(block, index, cache.get_chunk(index, chunk)))
+    finals = [runner.final_norm(cache.get_chunk(runner.num_blocks, c)) for c in range(len(cache.chunks))]
+    return torch.cat(finals) if len(finals) > 1 else finals[0]
