@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,15 +19,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from slm_fast import baselines
+from slm_fast import baselines, cost
 from slm_fast.baselines import LACO_RULE, METHODS
+from slm_fast.budget import plan_memory
 from slm_fast.checkpoint.reader import CheckpointReader
 from slm_fast.checkpoint.staging import check_output_location
 from slm_fast.criteria import check_criterion
 from slm_fast.errors import InputError
 from slm_fast.export import export_merged_checkpoint
+from slm_fast.journal import RunJournal
 from slm_fast.merge import check_rule
-from slm_fast.runtime.cache import HiddenStateCache
+from slm_fast.runtime.cache import HiddenStateCache, TieredStore
 from slm_fast.runtime.stream import BlockRunner, calibrate
 from slm_fast.slm import CandidateScorer, SearchResult, best_first_search, search_threshold, sliding_search
 from slm_fast.windows import Window, format_windows, output_blocks
@@ -61,7 +64,10 @@ class PruneOptions:
     speculate: int = 1
     device: str = "cpu"
     dtype: str | None = None  # compute dtype; None = the checkpoint's (fp16 runs in fp32 on the CPU)
-    memory_budget: int = 8 * 10**9  # bytes for resident blocks plus cached hidden states
+    memory_budget: int | None = None  # bytes for blocks and hidden states; None: from free GPU memory / RAM
+    micro_batch: int | None = None  # samples per block call; None: sized from the budget
+    work_dir: str | None = None  # the run's work folder; None: .OUT.work next to OUT
+    resume: bool = False  # continue the run whose work folder is there
     shard_size: int = 2 * 10**9
     out_dtype: str | None = None  # None keeps the source dtype
     overwrite: bool = False
@@ -92,6 +98,10 @@ class PruneOptions:
             raise InputError(f"--ratio must be in [0, 1), got {self.ratio}")
         if self.speculate < 1:
             raise InputError(f"--speculate must be >= 1, got {self.speculate}")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise InputError(f"--memory-budget must be positive, got {self.memory_budget} bytes")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise InputError(f"--micro-batch must be >= 1, got {self.micro_batch}")
         check_criterion(self.criterion)
         check_rule(self.rule)
         return self
@@ -125,34 +135,62 @@ class PruneReport:
 
 def prune(source: str | Path, output: str | Path, options: PruneOptions) -> PruneReport:
     started = time.perf_counter()
-    if options.preset == "reference":
-        options = dataclasses.replace(options, **REFERENCE_PRESET)
-    options.validated()
+    options = _resolved(options)
     reader = CheckpointReader(source)
     output = Path(output)
     check_output_location(reader.folder, output, overwrite=options.overwrite)
+    journal = RunJournal(
+        work_folder(reader.folder, output, options),
+        _fingerprint(options),
+        resume=options.resume,
+        overwrite=options.overwrite,
+    )
     timings: dict[str, float] = {}
 
     tick = time.perf_counter()
-    input_ids = calibration_ids(reader.folder, options)
-    runner, cache = _runtime(reader, options, input_ids)
+    input_ids = journal.calibration_ids()
+    if input_ids is None:
+        input_ids = calibration_ids(reader.folder, options)
+        journal.save_calibration_ids(input_ids)
+    runner, cache, layout = _runtime(reader, options, input_ids.shape[0], spill_dir=journal.states_dir)
+    _log(options, layout.describe())
+    rates = cost.measure_rates(reader, runner, layout, options.seq_len, journal.states_dir)
+    predicted = _predict(reader, options, layout, rates, runner.dtype)
     try:
         reference = calibrate(runner, input_ids, cache, progress=options.progress)
+        journal.check_reference(reference)
         timings["calibrate"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
         bar = tqdm(desc="candidates", unit="cand", disable=not options.progress)
         scorer = CandidateScorer(
-            runner, cache, reference, criterion=options.criterion, rule=options.merge_rule, on_evaluated=bar.update
+            runner,
+            cache,
+            reference,
+            criterion=options.criterion,
+            rule=options.merge_rule,
+            on_evaluated=bar.update,
+            on_scored=journal.record,
         )
-        selection = _select(scorer, cache, reader, options)
+        scorer.scores, scorer.plan_scores = journal.scores()
+        if journal.resumed:
+            _log(options, f"resuming {journal.folder}: {len(scorer.scores) + len(scorer.plan_scores)} scores recorded")
+        selection = _select(scorer, cache, reader, options, on_step=journal.record_progress)
         bar.close()
         timings["search"] = time.perf_counter() - tick
+        state_stats = cache.store.ledger.stats()
     finally:
         cache.close()
+        runner.close()
+        journal.close()
 
     report = _report_json(reader, options, input_ids, selection, scorer)
     report["timings_s"] = timings
+    report["compute_dtype"] = str(runner.dtype).removeprefix("torch.")
+    report["device"] = str(runner.device)
+    report["memory"] = layout.to_json()
+    report["resumed"] = journal.resumed
+    report["cost"] = _cost_report(reader, options, layout, rates, runner, scorer, state_stats, timings, predicted)
     tick = time.perf_counter()
     exported = export_merged_checkpoint(
         reader,
@@ -174,6 +212,7 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
     partial = exported.output / f".{REPORT_NAME}.partial"
     partial.write_text(json.dumps(report, indent=1) + "\n")
     partial.replace(exported.output / REPORT_NAME)
+    journal.remove()
     return PruneReport(
         output=exported.output,
         method=options.method,
@@ -188,6 +227,99 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
     )
 
 
+def estimate(source: str | Path, options: PruneOptions) -> str:
+    """`--dry-run`: the cost model's figures for this run (block loads, bytes, FLOPs, peak memory per
+    tier, seconds from rates measured here), without calibrating, searching or writing anything."""
+    options = _resolved(options)
+    if options.method != "slm" or options.search != "best-first" or options.threshold is not None:
+        raise InputError("--dry-run models the best-first search to a block count: give --remove or --ratio")
+    reader = CheckpointReader(source)
+    runner, _, layout = _runtime(reader, options, options.n_samples, spill_dir=None)
+    try:
+        rates = cost.measure_rates(reader, runner, layout, options.seq_len, None)
+        figures = _predict(reader, options, layout, rates, runner.dtype)
+    finally:
+        runner.close()
+    rates_line = (
+        f"rates measured here: read {rates.read_bytes_per_s / 1e9:.2f} GB/s, "
+        f"{rates.token_forwards_per_s:,.0f} token-blocks/s, spill write {rates.disk_write_bytes_per_s / 1e9:.2f} GB/s, "
+        f"read {rates.disk_read_bytes_per_s / 1e9:.2f} GB/s"
+    )
+    head = (
+        f"dry run: {reader.num_blocks} blocks, remove {_target_blocks(reader, options)}, calibration "
+        f"{options.n_samples} x {options.seq_len} tokens, compute dtype {str(runner.dtype).removeprefix('torch.')} "
+        f"on {runner.device}"
+    )
+    return "\n".join([head, cost.describe(figures, layout), rates_line])
+
+
+def work_folder(source: Path, output: Path, options: PruneOptions) -> Path:
+    """Where the run keeps its progress (removed when it completes): --work-dir, or .OUT.work beside OUT."""
+    folder = Path(options.work_dir) if options.work_dir else output.parent / f".{output.name}.work"
+    resolved, source = folder.resolve(), source.resolve()
+    if resolved == source or source in resolved.parents or resolved in source.parents:
+        raise InputError(f"--work-dir {folder} overlaps the source checkpoint {source}; choose another folder")
+    return folder
+
+
+def _resolved(options: PruneOptions) -> PruneOptions:
+    if options.preset == "reference":
+        options = dataclasses.replace(options, **REFERENCE_PRESET)
+    return options.validated()
+
+
+def _fingerprint(options: PruneOptions) -> dict:
+    """The options that decide a run's scores and decisions (what a resumed run must share)."""
+    keep = ("threshold", "remove", "ratio", "preset", "method", "search", "laco_merge_layers", "laco_interval")
+    keep += ("criterion", "rule", "calib", "n_samples", "seq_len", "seed", "protect_top", "protect_bottom")
+    keep += ("speculate", "dtype")
+    return {k: getattr(options, k) for k in keep}
+
+
+def _log(options: PruneOptions, message: str) -> None:
+    if options.progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _predict(reader, options, layout, rates, dtype) -> dict | None:
+    """The cost model's a-priori figures (best-first to a block count only)."""
+    if options.method != "slm" or options.search != "best-first" or options.threshold is not None:
+        return None
+    replay = cost.Replay(reader, layout, options.n_samples, options.seq_len, dtype, options.merge_rule)
+    lowest, highest = options.protect_bottom, reader.num_blocks - 1 - options.protect_top
+    for plans in cost.predicted_sweeps(reader.num_blocks, _target_blocks(reader, options), lowest, highest):
+        replay.sweep(plans)
+    return cost.summarize(replay.finish(), rates, reader, options.seq_len, dtype)
+
+
+def _cost_report(reader, options, layout, rates, runner, scorer, state_stats, timings, predicted) -> dict:
+    """Predicted beside measured: the a-priori prediction (assumed steps), the same model replayed on the
+    sweeps the run made, and what was counted and timed (calibration and search)."""
+    replay = cost.Replay(reader, layout, options.n_samples, options.seq_len, runner.dtype, options.merge_rule)
+    for plans in scorer.sweeps:
+        replay.sweep(plans)
+    replayed = cost.summarize(replay.finish(), rates, reader, options.seq_len, runner.dtype)
+    params = cost.block_param_bytes(reader, 0, runner.dtype) // runner.dtype.itemsize
+    config = reader.config.get("text_config", reader.config)
+    measured = {
+        "block_loads": runner.blocks_loaded,
+        "bytes_read": runner.bytes_read,
+        "token_forwards": runner.token_forwards,
+        "forward_flops": runner.token_forwards * cost.flops_per_token(config, options.seq_len, params),
+        "state_bytes_written": state_stats["disk_bytes_written"],
+        "state_bytes_read": state_stats["disk_bytes_read"],
+        "peak_state_bytes": state_stats["peak_bytes"],
+        "seconds": timings["calibrate"] + timings["search"],
+    }
+    scalar = [k for k in measured if k != "peak_state_bytes"]
+    out = {"rates": rates.to_json(), "measured": measured, "replayed": replayed}
+    out["replayed_over_measured"] = {k: cost.within(replayed[k], measured[k]) for k in scalar}
+    if predicted is not None:
+        out["predicted"] = predicted
+        out["predicted_over_measured"] = {k: cost.within(predicted[k], measured[k]) for k in scalar}
+    return out
+
+
 def calibration_ids(folder: Path, options: PruneOptions) -> torch.Tensor:
     from transformers import AutoTokenizer
 
@@ -198,18 +330,18 @@ def calibration_ids(folder: Path, options: PruneOptions) -> torch.Tensor:
     return sample_calibration(tokenizer, corpus, options.n_samples, options.seq_len, options.seed)
 
 
-def _runtime(reader: CheckpointReader, options: PruneOptions, input_ids: torch.Tensor):
+def _runtime(reader: CheckpointReader, options: PruneOptions, n_samples: int, spill_dir: Path | None):
+    """The block runner and the boundary cache, sized by the run's memory layout."""
     dtype = None if options.dtype is None else getattr(torch, options.dtype)
     runner = BlockRunner(reader, options.device, dtype)
-    hidden_bytes = (reader.num_blocks + 1) * input_ids.numel() * reader.config["hidden_size"] * runner.dtype.itemsize
-    on_gpu = runner.device.type == "cuda"
-    cache = HiddenStateCache(
-        runner.device,
-        device_budget_bytes=options.memory_budget // 2 if on_gpu else 0,
-        host_budget_bytes=options.memory_budget // 2,
-    )
-    runner.block_budget_bytes = max(0, options.memory_budget - min(hidden_bytes, options.memory_budget // 2))
-    return runner, cache
+    budget = options.memory_budget
+    layout = plan_memory(reader, n_samples, options.seq_len, runner.dtype, runner.device, budget)
+    if options.micro_batch is not None:
+        layout = dataclasses.replace(layout, micro_batch=options.micro_batch)
+    runner.micro_batch = layout.micro_batch
+    runner.block_budget_bytes = layout.block_bytes
+    store = TieredStore(runner.device, layout.state_device_bytes, layout.state_host_bytes, spill_dir=spill_dir)
+    return runner, HiddenStateCache(store=store), layout
 
 
 @dataclass
@@ -223,7 +355,7 @@ class Selection:
     details: dict
 
 
-def _select(scorer: CandidateScorer, cache, reader: CheckpointReader, options: PruneOptions) -> Selection:
+def _select(scorer: CandidateScorer, cache, reader: CheckpointReader, options: PruneOptions, on_step=None) -> Selection:
     if options.method == "slm" and options.search == "best-first":
         search = best_first_search(
             scorer,
@@ -232,6 +364,7 @@ def _select(scorer: CandidateScorer, cache, reader: CheckpointReader, options: P
             threshold=options.threshold,
             protect_top=options.protect_top,
             protect_bottom=options.protect_bottom,
+            on_step=on_step,
         )
         return Selection(search.windows, [], options.rule, search.similarity, {"search": search.to_json()})
     if options.method in THRESHOLD_METHODS:

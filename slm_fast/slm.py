@@ -82,7 +82,9 @@ def window_block(window: Window, rule: str, reader: CheckpointReader) -> BlockSp
     return BlockSpec(("merged", lo, hi, rule), lo, reads, tensors)
 
 
-def sweep_schedule(plans: list[tuple[Window, ...]], num_blocks: int) -> list[tuple[int, list[tuple[Window, list[int]]]]]:
+def sweep_schedule(
+    plans: list[tuple[Window, ...]], num_blocks: int
+) -> list[tuple[int, list[tuple[Window, list[int]]]]]:
     """The bottom-up sweep that scores `plans` (each the source window of every output block): for
     every source block from the lowest departure up, the windows that start there with the plans that
     run them. A plan joins at its departure (where it first differs from the original model)."""
@@ -284,6 +286,7 @@ def best_first_search(
     threshold: float | None = None,
     protect_top: int = 1,
     protect_bottom: int = 0,
+    on_step: Callable[[int, list[Window], float | None], None] | None = None,
 ) -> SearchResult:
     """Grow merge windows one block at a time, always taking the growth that keeps the whole model most
     similar to the original: each step scores every way to remove one more block (open a two-block
@@ -294,6 +297,7 @@ def best_first_search(
     The published scan spends a global similarity budget top-down on the first windows that pass,
     and on models whose top blocks are sensitive it merges there and nowhere else; this search
     places each removal where it costs least (bench/quality.md measures both).
+    `on_step(step, windows, similarity)` sees the windows after every step taken (the run journal).
     """
     if (target_blocks is None) == (threshold is None):
         raise ValueError("give exactly one of target_blocks and threshold")
@@ -315,6 +319,8 @@ def best_first_search(
         if not accepted:
             break
         windows, result.similarity = growths[best][0], scores[best]
+        if on_step is not None:
+            on_step(step, windows, result.similarity)
     result.windows = windows
     return result
 

@@ -5,6 +5,7 @@ existing output is replaced only with --overwrite."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 from collections.abc import Iterator
@@ -18,14 +19,51 @@ REWRITTEN_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model
 
 
 def check_output_location(source: Path, output: Path, *, overwrite: bool) -> None:
-    """Refuse outputs that would modify the source or silently replace an existing folder."""
+    """Refuse outputs that would modify the source or silently replace an existing folder; staging
+    folders that a dead process left next to `output` are named, and removed with `overwrite`."""
     source, output = source.resolve(), output.resolve()
     if output == source or source in output.parents:
         raise CheckpointError(f"output {output} is inside the source checkpoint {source}; choose another folder")
     if output in source.parents:
         raise CheckpointError(f"output {output} contains the source checkpoint {source}; choose another folder")
+    for folder, pid in staging_folders(output):
+        if _alive(pid):
+            raise CheckpointError(f"{folder} is being written by process {pid}, which is still running")
+        if not overwrite:
+            raise CheckpointError(
+                f"{folder} was left by process {pid}, which died while writing {output.name}; "
+                "pass --overwrite to remove it"
+            )
+        shutil.rmtree(folder)
     if output.exists() and not overwrite:
         raise CheckpointError(f"output {output} already exists; pass --overwrite to replace it")
+
+
+def staging_folders(output: Path) -> list[tuple[Path, int]]:
+    """The staging (and retired-output) folders of `output` that `staged_folder` creates, with the id
+    of the process that created each."""
+    output = output.resolve()
+    if not output.parent.is_dir():
+        return []
+    found = []
+    for prefix in (f".{output.name}.partial-", f".{output.name}.replaced-"):
+        for path in output.parent.glob(f"{glob.escape(prefix)}*"):
+            pid = path.name.removeprefix(prefix)
+            if pid.isdigit() and path.is_dir():
+                found.append((path, int(pid)))
+    return sorted(found)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a folder with our own id is from a dead process whose id we now reuse
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager

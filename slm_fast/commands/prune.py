@@ -9,7 +9,7 @@ from slm_fast.baselines import METHODS
 from slm_fast.checkpoint.writer import parse_size
 from slm_fast.criteria import CRITERIA
 from slm_fast.merge import RULES
-from slm_fast.prune import SEARCHES, PruneOptions, prune
+from slm_fast.prune import SEARCHES, PruneOptions, estimate, prune
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -69,8 +69,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="window extents evaluated per pass (each upper block loaded once for all)",
     )
     parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="compute dtype (default: checkpoint's)")
-    parser.add_argument("--memory-budget", default="8GB", help="memory for resident blocks and hidden states")
+    parser.add_argument(
+        "--compute-dtype",
+        "--dtype",
+        dest="dtype",
+        choices=list(DTYPES),
+        default=None,
+        help="dtype the blocks run in, e.g. bf16 scoring of an fp32 checkpoint on CUDA (default: checkpoint's)",
+    )
+    parser.add_argument(
+        "--memory-budget",
+        default=None,
+        help="memory for resident blocks and hidden states, e.g. 128MB (default: from free GPU memory on CUDA, "
+        "available RAM on the CPU; printed at start); the rest goes to host memory, then --work-dir",
+    )
+    parser.add_argument(
+        "--micro-batch", type=int, default=None, help="samples per block call (default: from the budget)"
+    )
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="folder for the run's progress and spilled states (default: .OUT.work beside OUT)",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue a killed run from its work folder")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the cost model's figures for this run and exit (writes nothing)"
+    )
     parser.add_argument("--shard-size", default="2GB", help="maximum bytes per output shard")
     parser.add_argument("--out-dtype", choices=list(DTYPES), default=None, help="output dtype (default: source's)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
@@ -99,11 +123,17 @@ def run(args: argparse.Namespace) -> int:
         speculate=args.speculate,
         device=args.device,
         dtype=DTYPES.get(args.dtype),
-        memory_budget=parse_size(args.memory_budget),
+        memory_budget=None if args.memory_budget is None else parse_size(args.memory_budget),
+        micro_batch=args.micro_batch,
+        work_dir=args.work_dir,
+        resume=args.resume,
         shard_size=parse_size(args.shard_size),
         out_dtype=DTYPES.get(args.out_dtype),
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
+    if args.dry_run:
+        print(estimate(args.source, options))
+        return 0
     print(prune(args.source, args.output, options).summary())
     return 0

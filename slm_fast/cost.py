@@ -1,0 +1,259 @@
+"""The cost model of a best-first prune run: what it will read, write and compute, and how long that takes.
+
+The counts come from replaying the run's own schedule without computing anything: the calibration
+sweep, then every best-first step's sweep (`slm.sweep_schedule`), through the same block residency
+policy (`PlannedResidency`) and the same tier placement (`TierLedger`) that the real run uses, so block
+loads, bytes, forward tokens and tier peaks are those of the real run whenever the replayed steps are
+the steps the run takes. Before a run the steps are not known: `predict` assumes the search removes
+blocks from the top of the allowed range down (the usual outcome on trained models; the departures,
+and so the cost, grow as windows sit lower). After a run, `replay` takes the sweeps it really made.
+
+Seconds follow from rates measured on this machine (`measure_rates`): reading and building one block,
+one micro-batch through one block, writing and reading back one chunk of states on the spill disk.
+Reads that the background prefetch overlaps with compute are still counted in full, so the estimate
+leans high when reading is not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from slm_fast.budget import MemoryLayout, block_param_bytes
+from slm_fast.checkpoint.reader import CheckpointReader
+from slm_fast.runtime.cache import TierLedger
+from slm_fast.runtime.residency import PlannedResidency
+from slm_fast.windows import Window, output_blocks
+
+
+def flops_per_token(config: dict, seq_len: int, block_params: int) -> float:
+    """Forward FLOPs of one token through one decoder block: the matmuls (2 per parameter) and the
+    attention scores and weighted sum over the whole sequence (as non-fused kernels compute them)."""
+    heads = config.get("num_attention_heads", 1)
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return 2 * block_params + 4 * seq_len * heads * head_dim
+
+
+@dataclass
+class Counts:
+    block_loads: int = 0
+    bytes_read: int = 0
+    token_forwards: int = 0
+    state_bytes_written: int = 0  # to the disk tier
+    state_bytes_read: int = 0  # from the disk tier
+    peak_bytes: dict = field(default_factory=dict)  # per tier, hidden states
+    sweeps: int = 0
+    plans_scored: int = 0
+    max_plan_state_bytes: int = 0  # the most plan-state bytes a sweep held at once
+
+
+@dataclass(frozen=True)
+class Rates:
+    read_bytes_per_s: float  # checkpoint block read and build
+    token_forwards_per_s: float  # tokens through one block
+    disk_write_bytes_per_s: float  # state spill
+    disk_read_bytes_per_s: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Replay:
+    """The run's schedule without tensors: calibration, then one sweep per call of `sweep`."""
+
+    def __init__(self, reader: CheckpointReader, layout: MemoryLayout, n_samples: int, seq_len: int, dtype, rule):
+        from slm_fast.slm import window_block
+
+        self.reader, self.rule, self.seq_len = reader, rule, seq_len
+        self._spec = lambda window: window_block(window, rule, reader)
+        self.counts = Counts()
+        self.residency = PlannedResidency(layout.block_bytes)
+        self.ledger = TierLedger(layout.state_device_bytes, layout.state_host_bytes)
+        config = reader.config.get("text_config", reader.config)
+        rows = layout.micro_batch
+        self.chunks = [min(rows, n_samples - start) for start in range(0, n_samples, rows)]
+        self.chunk_bytes = [r * seq_len * config["hidden_size"] * dtype.itemsize for r in self.chunks]
+        self.block_size = [block_param_bytes(reader, i, dtype) for i in range(reader.num_blocks)]
+        self._calibrate()
+
+    def _use(self, spec) -> None:
+        if self.residency.access(spec.key):
+            return
+        self.counts.block_loads += len(spec.reads)
+        self.counts.bytes_read += sum(self.reader.block_nbytes(i) for i in spec.reads)
+        self.residency.admit(spec.key, self.block_size[spec.layer_index])
+
+    def _forward(self, chunk: int) -> None:
+        self.counts.token_forwards += self.chunks[chunk] * self.seq_len
+
+    def _calibrate(self) -> None:
+        from slm_fast.runtime.stream import BlockSpec
+
+        num_blocks = self.reader.num_blocks
+        self.residency.plan([("original", i) for i in range(num_blocks)])
+        for c, size in enumerate(self.chunk_bytes):
+            self.ledger.place(("boundary", 0, c), size)
+        for block in range(num_blocks):
+            self._use(BlockSpec.original(block))
+            for c, size in enumerate(self.chunk_bytes):
+                self.ledger.read(("boundary", block, c))
+                self._forward(c)
+                self.ledger.place(("boundary", block + 1, c), size)
+        for c in range(len(self.chunks)):
+            self.ledger.read(("boundary", num_blocks, c))
+
+    def sweep(self, plans: list[tuple[Window, ...]]) -> None:
+        from slm_fast.slm import sweep_schedule
+
+        num_blocks = self.reader.num_blocks
+        schedule = sweep_schedule(plans, num_blocks)
+        self.residency.plan([self._spec(w).key for _, groups in schedule for w, _ in groups])
+        running: set[int] = set()
+        plan_bytes = 0
+        for block, groups in schedule:
+            for window, members in groups:
+                self._use(self._spec(window))
+                for index in members:
+                    for c, size in enumerate(self.chunk_bytes):
+                        self.ledger.read(("plan", index, c) if index in running else ("boundary", block, c))
+                        self._forward(c)
+                        self.ledger.place(("plan", index, c), size)
+                    if index not in running:
+                        plan_bytes += sum(self.chunk_bytes)
+                    running.add(index)
+            self.counts.max_plan_state_bytes = max(self.counts.max_plan_state_bytes, plan_bytes)
+        for index in range(len(plans)):
+            for c in range(len(self.chunks)):
+                key = ("plan", index, c) if index in running else ("boundary", num_blocks, c)
+                self.ledger.read(key)
+                if index in running:
+                    self.ledger.release(key)
+        self.counts.sweeps += 1
+        self.counts.plans_scored += len(plans)
+
+    def finish(self) -> Counts:
+        stats = self.ledger.stats()
+        self.counts.state_bytes_written = stats["disk_bytes_written"]
+        self.counts.state_bytes_read = stats["disk_bytes_read"]
+        self.counts.peak_bytes = stats["peak_bytes"]
+        return self.counts
+
+
+def predicted_sweeps(num_blocks: int, target_blocks: int, lowest: int, highest: int) -> list[list[tuple[Window, ...]]]:
+    """The best-first sweeps under the model's assumption: each step takes the growth whose merged
+    blocks sit highest (so windows grow from the top of [lowest, highest] down). Plans are those the
+    search would score, minus those it scored in an earlier step (memoised)."""
+    from slm_fast.slm import _growths
+
+    windows: list[Window] = []
+    seen: set[tuple[Window, ...]] = set()
+    sweeps = []
+    for _ in range(target_blocks):
+        growths = _growths(windows, lowest, highest)
+        if not growths:
+            break
+        plans = [tuple(output_blocks(grown, num_blocks)) for grown, _ in growths]
+        sweeps.append([p for p in dict.fromkeys(plans) if p not in seen])
+        seen.update(plans)
+        windows = max(growths, key=lambda growth: growth[1])[0]  # the growth whose changed window sits highest
+    return sweeps
+
+
+def measure_rates(
+    reader: CheckpointReader, runner, layout: MemoryLayout, seq_len: int, spill_dir: Path | None
+) -> Rates:
+    """Time one block read and build, one micro-batch through it, and one state chunk to disk and back."""
+    from safetensors.torch import load_file, save_file
+
+    index = reader.num_blocks // 2
+    tick = time.perf_counter()
+    block = runner.parts.block(reader.read_block(index), index)
+    read_s = time.perf_counter() - tick
+    config = runner.parts.config
+    rows = layout.micro_batch
+    hidden = torch.randn(rows, seq_len, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    hidden = hidden.to(runner.device, runner.dtype)
+    runner.apply(block, index, hidden[:1, : min(seq_len, 16)])  # warm-up
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+    tick = time.perf_counter()
+    runner.apply(block, index, hidden)
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+    forward_s = time.perf_counter() - tick
+    runner.token_forwards = 0
+    state = hidden.cpu().contiguous()
+    if spill_dir is not None:
+        Path(spill_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="slm_fast-rate-", dir=spill_dir) as folder:
+        path = Path(folder) / "state.safetensors"
+        tick = time.perf_counter()
+        save_file({"t": state}, path)
+        write_s = time.perf_counter() - tick
+        tick = time.perf_counter()
+        load_file(path)
+        disk_read_s = time.perf_counter() - tick
+    nbytes = state.numel() * state.element_size()
+    return Rates(
+        read_bytes_per_s=reader.block_nbytes(index) / max(read_s, 1e-9),
+        token_forwards_per_s=rows * seq_len / max(forward_s, 1e-9),
+        disk_write_bytes_per_s=nbytes / max(write_s, 1e-9),
+        disk_read_bytes_per_s=nbytes / max(disk_read_s, 1e-9),
+    )
+
+
+def summarize(counts: Counts, rates: Rates, reader: CheckpointReader, seq_len: int, dtype) -> dict:
+    """The figures the dry run prints and the report records, with an estimated time in seconds."""
+    config = reader.config.get("text_config", reader.config)
+    params = block_param_bytes(reader, 0, dtype) // dtype.itemsize
+    seconds = {
+        "read": counts.bytes_read / rates.read_bytes_per_s,
+        "compute": counts.token_forwards / rates.token_forwards_per_s,
+        "state_disk": counts.state_bytes_written / rates.disk_write_bytes_per_s
+        + counts.state_bytes_read / rates.disk_read_bytes_per_s,
+    }
+    return {
+        "block_loads": counts.block_loads,
+        "bytes_read": counts.bytes_read,
+        "state_bytes_written": counts.state_bytes_written,
+        "state_bytes_read": counts.state_bytes_read,
+        "forward_flops": counts.token_forwards * flops_per_token(config, seq_len, params),
+        "token_forwards": counts.token_forwards,
+        "peak_state_bytes": counts.peak_bytes,
+        "max_plan_state_bytes": counts.max_plan_state_bytes,
+        "sweeps": counts.sweeps,
+        "plans_scored": counts.plans_scored,
+        "seconds": sum(seconds.values()),
+        "seconds_by_part": seconds,
+    }
+
+
+def describe(figures: dict, layout: MemoryLayout) -> str:
+    gb = 1e9
+    peak = figures["peak_state_bytes"]
+    lines = [
+        layout.describe(),
+        f"sweeps {figures['sweeps']} (calibration + best-first steps), plans scored {figures['plans_scored']}",
+        f"block loads {figures['block_loads']:,}, checkpoint bytes read {figures['bytes_read'] / gb:.2f} GB",
+        f"hidden states spilled: written {figures['state_bytes_written'] / gb:.2f} GB, read back "
+        f"{figures['state_bytes_read'] / gb:.2f} GB; plan states at most {figures['max_plan_state_bytes'] / gb:.3f} GB",
+        f"peak hidden states per tier: device {peak.get('device', 0) / gb:.3f} GB, "
+        f"host {peak.get('host', 0) / gb:.3f} GB, disk {peak.get('disk', 0) / gb:.3f} GB",
+        f"forward FLOPs {figures['forward_flops']:.3e}",
+        "estimated time {:.1f} s (read {read:.1f} s, compute {compute:.1f} s, state disk {state_disk:.1f} s)".format(
+            figures["seconds"], **figures["seconds_by_part"]
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def within(predicted: float, measured: float) -> float:
+    """predicted / measured (1.0 = exact); inf when nothing was measured but something predicted."""
+    if measured == 0:
+        return 1.0 if predicted == 0 else math.inf
+    return predicted / measured
