@@ -175,36 +175,51 @@ def measure_rates(
     block = runner.parts.block(reader.read_block(index), index)
     read_s = time.perf_counter() - tick
     config = runner.parts.config
-    rows = layout.micro_batch
-    hidden = torch.randn(rows, seq_len, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    rows, length = layout.micro_batch, seq_len
+    params = block_param_bytes(reader, index, runner.dtype) // runner.dtype.itemsize
+    if rows * seq_len * 2 * params > TIMING_FLOPS:  # a huge block: time fewer tokens, so the dry run stays quick
+        rows, length = 1, max(16, min(seq_len, int(TIMING_FLOPS // (2 * params))))
+    hidden = torch.randn(rows, length, config.hidden_size, generator=torch.Generator().manual_seed(0))
     hidden = hidden.to(runner.device, runner.dtype)
     runner.apply(block, index, hidden[:1, : min(seq_len, 16)])  # warm-up
-    if runner.device.type == "cuda":
-        torch.cuda.synchronize(runner.device)
-    tick = time.perf_counter()
-    runner.apply(block, index, hidden)
-    if runner.device.type == "cuda":
-        torch.cuda.synchronize(runner.device)
-    forward_s = time.perf_counter() - tick
+    forward_s = _median_seconds(lambda: runner.apply(block, index, hidden), runner.device)
     runner.token_forwards = 0
     state = hidden.cpu().contiguous()
     if spill_dir is not None:
         Path(spill_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="slm_fast-rate-", dir=spill_dir) as folder:
-        path = Path(folder) / "state.safetensors"
-        tick = time.perf_counter()
-        save_file({"t": state}, path)
-        write_s = time.perf_counter() - tick
-        tick = time.perf_counter()
-        load_file(path)
-        disk_read_s = time.perf_counter() - tick
+        paths = iter(Path(folder) / f"state-{i}.safetensors" for i in range(REPEATS))
+        written = []
+
+        def write() -> None:
+            written.append(next(paths))
+            save_file({"t": state}, written[-1])
+
+        write_s = _median_seconds(write, None)
+        reads = iter(written)
+        disk_read_s = _median_seconds(lambda: load_file(next(reads)), None)
     nbytes = state.numel() * state.element_size()
     return Rates(
         read_bytes_per_s=reader.block_nbytes(index) / max(read_s, 1e-9),
-        token_forwards_per_s=rows * seq_len / max(forward_s, 1e-9),
+        token_forwards_per_s=rows * length / max(forward_s, 1e-9),
         disk_write_bytes_per_s=nbytes / max(write_s, 1e-9),
         disk_read_bytes_per_s=nbytes / max(disk_read_s, 1e-9),
     )
+
+
+REPEATS = 3
+TIMING_FLOPS = 5e10  # at most this much compute per timed forward
+
+
+def _median_seconds(work, device) -> float:
+    times = []
+    for _ in range(REPEATS):
+        tick = time.perf_counter()
+        work()
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - tick)
+    return sorted(times)[len(times) // 2]
 
 
 def summarize(counts: Counts, rates: Rates, reader: CheckpointReader, seq_len: int, dtype) -> dict:
@@ -238,7 +253,7 @@ def describe(figures: dict, layout: MemoryLayout) -> str:
     peak = figures["peak_state_bytes"]
     lines = [
         layout.describe(),
-        f"sweeps {figures['sweeps']} (calibration + best-first steps), plans scored {figures['plans_scored']}",
+        f"best-first sweeps {figures['sweeps']} after the calibration sweep, plans scored {figures['plans_scored']}",
         f"block loads {figures['block_loads']:,}, checkpoint bytes read {figures['bytes_read'] / gb:.2f} GB",
         f"hidden states spilled: written {figures['state_bytes_written'] / gb:.2f} GB, read back "
         f"{figures['state_bytes_read'] / gb:.2f} GB; plan states at most {figures['max_plan_state_bytes'] / gb:.3f} GB",

@@ -11,7 +11,7 @@ from tiny_models import save_tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
 from slm_fast.checkpoint.reader import CheckpointReader
-from slm_fast.runtime.cache import HiddenStateCache
+from slm_fast.runtime.cache import HiddenStateCache, TieredStore
 from slm_fast.runtime.stream import BlockRunner, calibrate
 from slm_fast.slm import (
     CandidateScorer,
@@ -20,6 +20,7 @@ from slm_fast.slm import (
     best_first_search,
     search_threshold,
     sliding_search,
+    sweep_schedule,
 )
 
 IDS = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -215,3 +216,51 @@ def test_growths_are_every_way_to_remove_one_more_block(windows):
     assert sorted(grown for grown, _ in growths) == sorted(expected)
     for grown, changed in growths:
         assert changed in grown
+
+
+def tiered_scorer(folder, *, micro_batch, block_budget, host_budget, spill_dir):
+    """A scorer whose boundary cache and plan states share one store with a host budget (the rest on disk)."""
+    runner = BlockRunner(CheckpointReader(folder), micro_batch=micro_batch, block_budget_bytes=block_budget)
+    store = TieredStore("cpu", host_budget_bytes=host_budget, spill_dir=spill_dir)
+    cache = HiddenStateCache(store=store)
+    reference = calibrate(runner, IDS, cache, progress=False)
+    return CandidateScorer(runner, cache, reference, criterion="cosine", rule="mean")
+
+
+def test_every_tier_gives_the_unbounded_decisions_bit_for_bit(checkpoint, tmp_path):
+    """States in memory, half on disk, all on disk; blocks all resident, one, none: the same arithmetic
+    (one micro-batch size) gives the same similarities to the last bit, and the sweeps leave no plan
+    state behind. Another micro-batch size changes only the rounding."""
+    reader = CheckpointReader(checkpoint)
+    one_block, one_state = reader.block_nbytes(0), IDS.numel() * 64 * 4
+    results = []
+    for block_budget, host_budget in ((10**9, 10**9), (one_block, 6 * one_state), (0, 0)):
+        scorer = tiered_scorer(
+            checkpoint, micro_batch=2, block_budget=block_budget, host_budget=host_budget, spill_dir=tmp_path
+        )
+        result = best_first_search(scorer, 10, target_blocks=3)
+        ledger = scorer.cache.store.ledger
+        assert not [k for k in ledger._entries if k[0] == "plan"]
+        results.append(([(c.lo, c.hi, c.similarity) for c in result.candidates], result.windows, ledger.stats()))
+        scorer.cache.close()
+    assert results[0][:2] == results[1][:2] == results[2][:2]
+    assert results[0][2]["disk_bytes_written"] == 0 < results[1][2]["disk_bytes_written"]
+    assert results[2][2]["peak_bytes"]["host"] == 0
+    other = best_first_search(
+        tiered_scorer(checkpoint, micro_batch=None, block_budget=0, host_budget=0, spill_dir=tmp_path),
+        10,
+        target_blocks=3,
+    )
+    assert other.windows == results[0][1]
+    assert [c.similarity for c in other.candidates] == pytest.approx([c[2] for c in results[0][0]], abs=1e-6)
+
+
+def test_sweep_schedule_runs_each_block_once_per_window():
+    plans = [((0, 0), (1, 2), (3, 3)), ((0, 1), (2, 2), (3, 3)), ((0, 0), (1, 1), (2, 2), (3, 3))]
+    schedule = sweep_schedule(plans, 4)
+    assert schedule == [
+        (0, [((0, 1), [1])]),  # plan 0 departs at 1, the identity plan 2 never departs
+        (1, [((1, 2), [0])]),
+        (2, [((2, 2), [1])]),
+        (3, [((3, 3), [0, 1])]),
+    ]

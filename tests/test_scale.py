@@ -1,0 +1,136 @@
+"""Large-run machinery on a tiny model: resume after SIGKILL, stale staging folders, the dry run and
+the cost model's counts against the real run's."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from tiny_models import save_tiny_checkpoint, save_tiny_tokenizer, write_word_corpus
+
+from slm_fast.cli import main
+from slm_fast.errors import InputError
+from slm_fast.prune import PruneOptions, prune
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale")
+    folder = save_tiny_checkpoint(root / "src", "llama", num_layers=10, shard="150KB")
+    save_tiny_tokenizer(folder)
+    write_word_corpus(root / "calib.txt")
+    return folder
+
+
+def options(source, **overrides):
+    base = dict(calib=str(source.parent / "calib.txt"), n_samples=4, seq_len=32, progress=False, remove=4)
+    return PruneOptions(**(base | overrides))
+
+
+def cli_args(source, out, *extra):
+    calib = str(source.parent / "calib.txt")
+    return ["prune", str(source), str(out), "--calib", calib, "--samples", "4", "--seq-len", "32", *extra]
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+KILLABLE = textwrap.dedent(
+    """
+    import sys, time
+    from slm_fast import slm
+    score_plans = slm.CandidateScorer.score_plans
+    def announced(self, plans):
+        scores = score_plans(self, plans)
+        print("scored", flush=True)
+        time.sleep(60)  # killed here, after the second step's candidates are journaled
+        return scores
+    slm.CandidateScorer.score_plans = announced
+    from slm_fast.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def test_a_run_killed_mid_search_resumes_to_the_uninterrupted_result(source, tmp_path):
+    before = digest(source)
+    whole = prune(source, tmp_path / "whole" / "out", options(source, micro_batch=2))
+    whole_report = json.loads((tmp_path / "whole" / "out" / "slm_report.json").read_text())
+
+    run_dir = tmp_path / "killed"
+    run_dir.mkdir()
+    args = cli_args(source, run_dir / "out", "--remove", "4", "--micro-batch", "2", "--no-progress")
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-c", KILLABLE, *args], stdout=subprocess.PIPE, cwd=ROOT, env=env)
+    for _ in range(2):  # two steps scored (the second still running: no progress recorded for it)
+        assert process.stdout.readline().strip() == b"scored", "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    work = run_dir / ".out.work"
+    assert (work / "scores.jsonl").exists() and json.loads((work / "progress.json").read_text())["step"] == 1
+    assert not (run_dir / "out").exists()
+
+    with pytest.raises(InputError, match="--resume to continue"):
+        prune(source, run_dir / "out", options(source, micro_batch=2))
+    with pytest.raises(InputError, match="other options"):
+        prune(source, run_dir / "out", options(source, micro_batch=2, rule="mean", resume=True))
+    resumed = prune(source, run_dir / "out", options(source, micro_batch=2, resume=True))
+    report = json.loads((run_dir / "out" / "slm_report.json").read_text())
+    assert resumed.windows == whole.windows and report["resumed"]
+    assert report["search"]["candidates"] == whole_report["search"]["candidates"]  # scores bit for bit
+    first_two = sum(1 for c in whole_report["search"]["candidates"] if c["note"].split(",")[0] in ("step 1", "step 2"))
+    assert report["forward_passes"] <= whole_report["forward_passes"] - first_two + 1  # nothing scored twice
+    assert sorted(p.name for p in run_dir.iterdir()) == ["out"]  # the work folder is gone
+    assert digest(source) == before
+
+
+def test_a_stale_staging_folder_is_named_and_removed_with_overwrite(source, tmp_path, capsys):
+    before = digest(source)
+    dead = subprocess.run(["true"]).args and subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".out.partial-{dead.pid}"
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"half written")
+    args = cli_args(source, tmp_path / "out", "--remove", "1", "--no-progress")
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert str(stale) in error and f"process {dead.pid}, which died" in error and "--overwrite" in error
+    assert main([*args, "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert digest(source) == before
+
+
+def test_dry_run_prints_the_cost_and_writes_nothing(source, tmp_path, capsys):
+    args = cli_args(source, tmp_path / "out", "--memory-budget", "1MB", "--micro-batch", "1")
+    assert main([*args, "--remove", "1", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    for figure in ("block loads", "bytes read", "forward FLOPs", "peak hidden states per tier", "estimated time"):
+        assert figure in printed
+    assert not list(tmp_path.iterdir())
+    assert main([*args, "--ratio", "0.2", "--search", "sliding", "--dry-run"]) == 2
+    assert "--dry-run models the best-first search" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("remove, budget", [(1, "1MB"), (3, "300KB"), (3, "10GB")])
+def test_the_cost_model_counts_what_the_run_does(source, tmp_path, remove, budget):
+    """Replayed on the sweeps the run made, the model's block loads, bytes, forwards and spills equal the
+    counted ones, whatever the tiers (1MB: blocks partly resident, states partly on disk; 300KB: nothing
+    resident). One step depends on no assumption, so the a-priori prediction is exact too."""
+    from slm_fast.checkpoint.writer import parse_size
+
+    prune(source, tmp_path / "out", options(source, remove=remove, memory_budget=parse_size(budget), micro_batch=1))
+    cost = json.loads((tmp_path / "out" / "slm_report.json").read_text())["cost"]
+    counts = ("block_loads", "bytes_read", "token_forwards", "forward_flops", "state_bytes_written", "state_bytes_read")
+    assert {k: cost["replayed_over_measured"][k] for k in counts} == dict.fromkeys(counts, 1.0)
+    assert cost["replayed"]["peak_state_bytes"] == cost["measured"]["peak_state_bytes"]
+    if remove == 1:
+        assert {k: cost["predicted_over_measured"][k] for k in counts} == dict.fromkeys(counts, 1.0)
+    assert cost["measured"]["seconds"] > 0 and cost["predicted"]["seconds"] > 0
