@@ -87,9 +87,11 @@ def plan_memory(
     budget_bytes: int | None,
     *,
     plans: int | None = None,
+    host_bytes: int | None = None,
 ) -> MemoryLayout:
     """Divide `budget_bytes` (None: the default for `device`) for a run on n_samples x seq_len tokens.
-    `plans`: how many plan states a sweep holds at most (default: one per block)."""
+    `plans`: how many plan states a sweep holds at most (default: one per block); `host_bytes`: host
+    memory for states that do not fit on a GPU (default: from this machine's available RAM)."""
     source = "given"
     if budget_bytes is None:
         budget_bytes, source = default_budget(device)
@@ -112,6 +114,6 @@ def plan_memory(
         micro_batch=micro_batch,
         fixed_bytes=fixed,
         state_device_bytes=states if on_gpu else 0,
-        state_host_bytes=host_spill_budget() if on_gpu else states,
+        state_host_bytes=(host_bytes if host_bytes is not None else host_spill_budget()) if on_gpu else states,
         block_bytes=remaining - states,
     )
