@@ -108,33 +108,36 @@ class Replay:
             self.ledger.read(("boundary", num_blocks, c))
 
     def sweep(self, plans: list[tuple[Window, ...]]) -> None:
-        from slm_fast.slm import sweep_schedule
+        from slm_fast.slm import SharedStates, sweep_schedule
 
         num_blocks = self.reader.num_blocks
         schedule = sweep_schedule(plans, num_blocks)
         self.residency.plan([self._spec(w).key for _, groups in schedule for w, _ in groups])
-        running: set[int] = set()
-        plan_bytes = 0
+        shared = SharedStates()
+        state_bytes = sum(self.chunk_bytes)
         for block, groups in schedule:
             for window, members in groups:
                 self._use(self._spec(window))
-                for index in members:
+                for source, target in shared.advance(members):
                     for c, size in enumerate(self.chunk_bytes):
-                        self.ledger.read(("plan", index, c) if index in running else ("boundary", block, c))
+                        self.ledger.read(("boundary", block, c) if source is None else ("state", source, c))
                         self._forward(c)
-                        self.ledger.place(("plan", index, c), size)
-                    if index not in running:
-                        plan_bytes += sum(self.chunk_bytes)
-                    running.add(index)
-            self.counts.max_plan_state_bytes = max(self.counts.max_plan_state_bytes, plan_bytes)
+                        self.ledger.place(("state", target, c), size)
+                    live = len(shared.holders) + (shared.holders.get(source) == 0)
+                    self.counts.max_plan_state_bytes = max(self.counts.max_plan_state_bytes, live * state_bytes)
+                    self._release(shared.drop_if_unheld(source))
         for index in range(len(plans)):
+            source = shared.state_of.get(index)
             for c in range(len(self.chunks)):
-                key = ("plan", index, c) if index in running else ("boundary", num_blocks, c)
-                self.ledger.read(key)
-                if index in running:
-                    self.ledger.release(key)
+                self.ledger.read(("boundary", num_blocks, c) if source is None else ("state", source, c))
+            self._release(shared.finish(index))
         self.counts.sweeps += 1
         self.counts.plans_scored += len(plans)
+
+    def _release(self, state: int | None) -> None:
+        if state is not None:
+            for c in range(len(self.chunks)):
+                self.ledger.release(("state", state, c))
 
     def finish(self) -> Counts:
         stats = self.ledger.stats()

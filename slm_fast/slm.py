@@ -102,6 +102,49 @@ def sweep_schedule(
     return schedule
 
 
+class SharedStates:
+    """Which plans of a sweep hold the same hidden state. Plans that ran the same windows on the same
+    input hold identical states (bit for bit), so each distinct history is computed and stored once;
+    a state is released when no plan holds it any more. The sweep and the cost model both use this."""
+
+    def __init__(self):
+        self.state_of: dict[int, int] = {}  # plan -> state id (absent: still the original model's)
+        self.holders: dict[int, int] = {}  # state id -> plans holding it
+        self._ids = itertools.count()
+
+    def advance(self, members: list[int]) -> list[tuple[int | None, int]]:
+        """The plans `members` run the same block next: one (source state, new state) pair per distinct
+        source; the members move to the new states."""
+        by_source: dict[int | None, list[int]] = {}
+        for plan in members:
+            by_source.setdefault(self.state_of.get(plan), []).append(plan)
+        moves = []
+        for source, plans in by_source.items():
+            target = next(self._ids)
+            for plan in plans:
+                self.state_of[plan] = target
+            self.holders[target] = len(plans)
+            if source is not None:
+                self.holders[source] -= len(plans)
+            moves.append((source, target))
+        return moves
+
+    def drop_if_unheld(self, state: int | None) -> int | None:
+        """`state` if no plan holds it any more (forgotten, to be released), else None."""
+        if state is not None and self.holders.get(state) == 0:
+            del self.holders[state]
+            return state
+        return None
+
+    def finish(self, plan: int) -> int | None:
+        """The plan is scored: its state, if it was the last plan holding it."""
+        state = self.state_of.pop(plan, None)
+        if state is None:
+            return None
+        self.holders[state] -= 1
+        return self.drop_if_unheld(state)
+
+
 class CandidateScorer:
     """Scores candidate models (committed windows plus one new window) against the original model.
 
@@ -181,37 +224,50 @@ class CandidateScorer:
         return [self.plan_scores[key] for key in keys]
 
     def _sweep(self, todo: list[tuple[Window, ...]]) -> None:
+        """Run the sweep. Plans whose histories are identical so far (the same windows on the same
+        input) hold one shared state, computed once: a plan departs from the original model at its
+        first new window, and from the plans it shared a state with where their windows differ."""
         store, chunks, num_blocks = self.cache.store, range(len(self.cache.chunks)), self.runner.num_blocks
         schedule = sweep_schedule(todo, num_blocks)
         self.runner.plan([self.spec(window) for _, groups in schedule for window, _ in groups])
-        running: set[int] = set()
+        shared = SharedStates()
         try:
             for block, groups in schedule:
                 for window, members in groups:
                     spec = self.spec(window)
                     module = self.runner.block(spec)
-                    for index in members:
+                    for source, target in shared.advance(members):
                         for chunk in chunks:
-                            state = ("plan", index, chunk)
-                            hidden = store.get(state) if index in running else self.cache.get_chunk(block, chunk)
-                            store.put(state, self.runner.apply(module, spec.layer_index, hidden))
-                        running.add(index)
+                            if source is None:
+                                hidden = self.cache.get_chunk(block, chunk)
+                            else:
+                                hidden = store.get(("state", source, chunk))
+                            store.put(("state", target, chunk), self.runner.apply(module, spec.layer_index, hidden))
+                        self._release(shared.drop_if_unheld(source))
             for index, key in enumerate(todo):
+                source = shared.state_of.get(index)
                 finals = []
                 for chunk in chunks:
-                    state = ("plan", index, chunk)
-                    hidden = store.get(state) if index in running else self.cache.get_chunk(num_blocks, chunk)
-                    store.discard(state)
+                    hidden = (
+                        self.cache.get_chunk(num_blocks, chunk)
+                        if source is None
+                        else store.get(("state", source, chunk))
+                    )
                     finals.append(self.runner.final_norm(hidden))
+                self._release(shared.finish(index))
                 final = torch.cat(finals) if len(finals) > 1 else finals[0]
                 score = similarity_to_reference(self.criterion, self.reference, final)
                 self.plan_scores[key] = score
                 if self.on_scored is not None:
                     self.on_scored("plan", key, score)
         finally:
-            for index in running:
-                for chunk in chunks:
-                    store.discard(("plan", index, chunk))
+            self._release(list(shared.holders))
+
+    def _release(self, states) -> None:
+        for state in states if isinstance(states, list) else [states]:
+            if state is not None:
+                for chunk in range(len(self.cache.chunks)):
+                    self.cache.store.discard(("state", state, chunk))
 
     def cached_score(self, committed: Committed, window: Window) -> float:
         return self.scores[(self._above(committed, window[1]), window)]

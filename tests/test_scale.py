@@ -134,3 +134,10 @@ def test_the_cost_model_counts_what_the_run_does(source, tmp_path, remove, budge
     if remove == 1:
         assert {k: cost["predicted_over_measured"][k] for k in counts} == dict.fromkeys(counts, 1.0)
     assert cost["measured"]["seconds"] > 0 and cost["predicted"]["seconds"] > 0
+
+
+def test_compute_dtype_and_the_default_budget_are_reported(source, tmp_path):
+    prune(source, tmp_path / "out", options(source, remove=1, dtype="bfloat16"))
+    report = json.loads((tmp_path / "out" / "slm_report.json").read_text())
+    assert report["compute_dtype"] == "bfloat16" and report["options"]["dtype"] == "bfloat16"
+    assert "RAM available" in report["memory"]["budget_source"] and report["memory"]["budget_bytes"] > 0
