@@ -26,7 +26,7 @@ import torch
 
 from slm_fast.budget import MemoryLayout, block_param_bytes
 from slm_fast.checkpoint.reader import CheckpointReader
-from slm_fast.runtime.cache import TierLedger
+from slm_fast.runtime.cache import TierLedger, combined_stats
 from slm_fast.runtime.residency import PlannedResidency
 from slm_fast.windows import Window, output_blocks
 
@@ -73,7 +73,10 @@ class Replay:
         self._spec = lambda window: window_block(window, rule, reader)
         self.counts = Counts()
         self.residency = PlannedResidency(layout.block_bytes)
-        self.ledger = TierLedger(layout.state_device_bytes, layout.state_host_bytes)
+        self.ledger = TierLedger(
+            layout.state_device_bytes - layout.plan_device_bytes, layout.state_host_bytes - layout.plan_host_bytes
+        )  # boundaries
+        self.plan_ledger = TierLedger(layout.plan_device_bytes, layout.plan_host_bytes)
         config = reader.config.get("text_config", reader.config)
         rows = layout.micro_batch
         self.chunks = [min(rows, n_samples - start) for start in range(0, n_samples, rows)]
@@ -120,16 +123,22 @@ class Replay:
                 self._use(self._spec(window))
                 for source, target in shared.advance(members):
                     for c, size in enumerate(self.chunk_bytes):
-                        self.ledger.read(("boundary", block, c) if source is None else ("state", source, c))
+                        if source is None:
+                            self.ledger.read(("boundary", block, c))
+                        else:
+                            self.plan_ledger.read(("state", source, c))
                         self._forward(c)
-                        self.ledger.place(("state", target, c), size)
+                        self.plan_ledger.place(("state", target, c), size)
                     live = len(shared.holders) + (shared.holders.get(source) == 0)
                     self.counts.max_plan_state_bytes = max(self.counts.max_plan_state_bytes, live * state_bytes)
                     self._release(shared.drop_if_unheld(source))
         for index in range(len(plans)):
             source = shared.state_of.get(index)
             for c in range(len(self.chunks)):
-                self.ledger.read(("boundary", num_blocks, c) if source is None else ("state", source, c))
+                if source is None:
+                    self.ledger.read(("boundary", num_blocks, c))
+                else:
+                    self.plan_ledger.read(("state", source, c))
             self._release(shared.finish(index))
         self.counts.sweeps += 1
         self.counts.plans_scored += len(plans)
@@ -137,10 +146,10 @@ class Replay:
     def _release(self, state: int | None) -> None:
         if state is not None:
             for c in range(len(self.chunks)):
-                self.ledger.release(("state", state, c))
+                self.plan_ledger.release(("state", state, c))
 
     def finish(self) -> Counts:
-        stats = self.ledger.stats()
+        stats = combined_stats(self.ledger, self.plan_ledger)
         self.counts.state_bytes_written = stats["disk_bytes_written"]
         self.counts.state_bytes_read = stats["disk_bytes_read"]
         self.counts.peak_bytes = stats["peak_bytes"]

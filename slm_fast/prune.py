@@ -29,7 +29,7 @@ from slm_fast.errors import InputError
 from slm_fast.export import export_merged_checkpoint
 from slm_fast.journal import RunJournal
 from slm_fast.merge import check_rule
-from slm_fast.runtime.cache import HiddenStateCache, TieredStore
+from slm_fast.runtime.cache import HiddenStateCache, TieredStore, combined_stats
 from slm_fast.runtime.stream import BlockRunner, calibrate
 from slm_fast.slm import CandidateScorer, SearchResult, best_first_search, search_threshold, sliding_search
 from slm_fast.windows import Window, format_windows, output_blocks
@@ -152,7 +152,7 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
     if input_ids is None:
         input_ids = calibration_ids(reader.folder, options)
         journal.save_calibration_ids(input_ids)
-    runner, cache, layout = _runtime(reader, options, input_ids.shape[0], spill_dir=journal.states_dir)
+    runner, cache, plan_states, layout = _runtime(reader, options, input_ids.shape[0], spill_dir=journal.states_dir)
     _log(options, layout.describe())
     rates = cost.measure_rates(reader, runner, layout, options.seq_len, journal.states_dir)
     predicted = _predict(reader, options, layout, rates, runner.dtype)
@@ -171,6 +171,7 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
             rule=options.merge_rule,
             on_evaluated=bar.update,
             on_scored=journal.record,
+            states=plan_states,
         )
         scorer.scores, scorer.plan_scores = journal.scores()
         if journal.resumed:
@@ -178,9 +179,10 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
         selection = _select(scorer, cache, reader, options, on_step=journal.record_progress)
         bar.close()
         timings["search"] = time.perf_counter() - tick
-        state_stats = cache.store.ledger.stats()
+        state_stats = combined_stats(cache.store.ledger, plan_states.ledger)
     finally:
         cache.close()
+        plan_states.close()
         runner.close()
         journal.close()
 
@@ -234,7 +236,7 @@ def estimate(source: str | Path, options: PruneOptions) -> str:
     if options.method != "slm" or options.search != "best-first" or options.threshold is not None:
         raise InputError("--dry-run models the best-first search to a block count: give --remove or --ratio")
     reader = CheckpointReader(source)
-    runner, _, layout = _runtime(reader, options, options.n_samples, spill_dir=None)
+    runner, _, _, layout = _runtime(reader, options, options.n_samples, spill_dir=None)
     try:
         rates = cost.measure_rates(reader, runner, layout, options.seq_len, None)
         figures = _predict(reader, options, layout, rates, runner.dtype)
@@ -331,7 +333,8 @@ def calibration_ids(folder: Path, options: PruneOptions) -> torch.Tensor:
 
 
 def _runtime(reader: CheckpointReader, options: PruneOptions, n_samples: int, spill_dir: Path | None):
-    """The block runner and the boundary cache, sized by the run's memory layout."""
+    """The block runner, the boundary cache and the store of the search's plan states, sized by the run's
+    memory layout."""
     dtype = None if options.dtype is None else getattr(torch, options.dtype)
     runner = BlockRunner(reader, options.device, dtype)
     budget = options.memory_budget
@@ -340,8 +343,14 @@ def _runtime(reader: CheckpointReader, options: PruneOptions, n_samples: int, sp
         layout = dataclasses.replace(layout, micro_batch=options.micro_batch)
     runner.micro_batch = layout.micro_batch
     runner.block_budget_bytes = layout.block_bytes
-    store = TieredStore(runner.device, layout.state_device_bytes, layout.state_host_bytes, spill_dir=spill_dir)
-    return runner, HiddenStateCache(store=store), layout
+    boundaries = TieredStore(
+        runner.device,
+        layout.state_device_bytes - layout.plan_device_bytes,
+        layout.state_host_bytes - layout.plan_host_bytes,
+        spill_dir=spill_dir,
+    )
+    plan_states = TieredStore(runner.device, layout.plan_device_bytes, layout.plan_host_bytes, spill_dir=spill_dir)
+    return runner, HiddenStateCache(store=boundaries), plan_states, layout
 
 
 @dataclass

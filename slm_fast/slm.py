@@ -31,7 +31,7 @@ from torch import Tensor
 from slm_fast.checkpoint.reader import CheckpointReader
 from slm_fast.criteria import similarity_to_reference
 from slm_fast.merge import merge_window
-from slm_fast.runtime.cache import HiddenStateCache
+from slm_fast.runtime.cache import HiddenStateCache, TieredStore
 from slm_fast.runtime.stream import BlockRunner, BlockSpec
 from slm_fast.windows import Window, output_blocks
 
@@ -150,7 +150,7 @@ class CandidateScorer:
 
     `cache` holds the original hidden state at every block boundary, in chunks of samples, and
     `reference` the original final-norm outputs [N, S, d] of the same calibration tokens. The plan
-    states of a sweep live in the cache's store, so one memory budget bounds them with the boundaries
+    states of a sweep live in `states` (default: the cache's store), so a memory budget bounds them
     (what does not fit goes to host memory, then disk), and each runs one chunk of samples at a time.
 
     Every score is memoised (`scores` for the sliding scan, `plan_scores` for whole plans);
@@ -168,8 +168,10 @@ class CandidateScorer:
         rule: str,
         on_evaluated: Callable[[int], None] | None = None,
         on_scored: Callable[[str, tuple, float], None] | None = None,
+        states: TieredStore | None = None,
     ):
         self.runner, self.cache, self.reference = runner, cache, reference
+        self.states = states or cache.store  # where the sweeps keep plan states
         self.criterion, self.rule = criterion, rule
         self.on_evaluated = on_evaluated
         self.on_scored = on_scored
@@ -227,7 +229,7 @@ class CandidateScorer:
         """Run the sweep. Plans whose histories are identical so far (the same windows on the same
         input) hold one shared state, computed once: a plan departs from the original model at its
         first new window, and from the plans it shared a state with where their windows differ."""
-        store, chunks, num_blocks = self.cache.store, range(len(self.cache.chunks)), self.runner.num_blocks
+        store, chunks, num_blocks = self.states, range(len(self.cache.chunks)), self.runner.num_blocks
         schedule = sweep_schedule(todo, num_blocks)
         self.runner.plan([self.spec(window) for _, groups in schedule for window, _ in groups])
         shared = SharedStates()
@@ -267,7 +269,7 @@ class CandidateScorer:
         for state in states if isinstance(states, list) else [states]:
             if state is not None:
                 for chunk in range(len(self.cache.chunks)):
-                    self.cache.store.discard(("state", state, chunk))
+                    self.states.discard(("state", state, chunk))
 
     def cached_score(self, committed: Committed, window: Window) -> float:
         return self.scores[(self._above(committed, window[1]), window)]

@@ -70,6 +70,17 @@ class TierLedger:
         }
 
 
+def combined_stats(*ledgers: TierLedger) -> dict:
+    """The books of several ledgers added up (peaks are the sum of each ledger's peak)."""
+    stats = [ledger.stats() for ledger in ledgers]
+    return {
+        "used_bytes": {t: sum(s["used_bytes"][t] for s in stats) for t in TIERS},
+        "peak_bytes": {t: sum(s["peak_bytes"][t] for s in stats) for t in TIERS},
+        "disk_bytes_written": sum(s["disk_bytes_written"] for s in stats),
+        "disk_bytes_read": sum(s["disk_bytes_read"] for s in stats),
+    }
+
+
 class TieredStore:
     """Tensors by key in the first tier with room; `get` returns them on the compute device.
 
