@@ -22,6 +22,7 @@ from slm_fast.slm import (
     sliding_search,
     sweep_schedule,
 )
+from slm_fast.windows import output_blocks
 
 IDS = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
 # Per architecture: thresholds that exercise different decisions on the tiny random model below, and
@@ -264,3 +265,27 @@ def test_sweep_schedule_runs_each_block_once_per_window():
         (2, [((2, 2), [1])]),
         (3, [((3, 3), [0, 1])]),
     ]
+
+
+def test_plans_with_a_common_history_share_its_computation(checkpoint):
+    """Two plans that merge the same low window and differ higher up run that window once in a joint
+    sweep, and score exactly what each scores alone."""
+    plans = [
+        output_blocks([(1, 2), (5, 6)], 10),
+        output_blocks([(1, 2), (6, 7)], 10),
+        output_blocks([(1, 2)], 10),
+    ]
+    alone, forwards_alone = [], 0
+    for plan in plans:
+        scorer = make_scorer(checkpoint, rule="keep_high")
+        before = scorer.runner.token_forwards
+        alone += scorer.score_plans([plan])
+        forwards_alone += scorer.runner.token_forwards - before
+    scorer = make_scorer(checkpoint, rule="keep_high")
+    before = scorer.runner.token_forwards
+    assert scorer.score_plans(plans) == alone
+    per_block = IDS.numel()
+    # Alone: 7 + 7 + 8 block runs from block 1 up. Together: the shared history (1-2, 3, 4) runs once;
+    # at 5 the first plan runs 5-6 and the other two share 5; at 6 they split (6-7 / 6); then 2, 3, 3.
+    assert forwards_alone == 22 * per_block
+    assert scorer.runner.token_forwards - before == (3 + 2 + 2 + 2 + 3 + 3) * per_block
