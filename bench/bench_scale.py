@@ -35,7 +35,7 @@ from harness import GB, BlockShape, evict_from_page_cache, run_child, slm_fast_c
 
 from slm_fast.budget import plan_memory
 from slm_fast.checkpoint.reader import CheckpointReader
-from slm_fast.cost import Rates, Replay, flops_per_token, predicted_sweeps, summarize
+from slm_fast.cost import Rates, Replay, flops_per_token, predicted_sweeps, sharing_gain, summarize
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 SMOLLM2_VOCAB = 49152  # the tokenizer copied into the synthetic checkpoints
@@ -294,9 +294,31 @@ def bench_extrapolate(args, workdir: Path) -> list[dict]:
     return rows
 
 
+def bench_sharing(args, workdir: Path) -> list[dict]:
+    """Block runs of a 25 % best-first search with and without shared states (plans with one history
+    computed once), for windows placed top-down (the cost model's assumption), bottom-up and at random:
+    exact counts from the search's own schedule (the sweep runs exactly these; tests check the runner's
+    counter against them)."""
+    rows = []
+    for blocks in (30, 80, 126):
+        for placement in ("top", "bottom", "random"):
+            sweeps = predicted_sweeps(blocks, blocks // 4, 0, blocks - 2, placement, seed=1)
+            alone, shared = sharing_gain(sweeps, blocks)
+            rows.append({"blocks": blocks, "placement": placement, "alone": alone, "shared": shared})
+    print("\nblock runs of a 25 % best-first search: each plan alone vs shared histories")
+    print("| blocks | windows placed | block runs, plans alone | block runs, shared | gain |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        gain = r["alone"] / r["shared"]
+        print(f"| {r['blocks']} | {r['placement']} | {r['alone']:,} | {r['shared']:,} | {gain:.2f}x |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("blocks", "calib", "block70b", "extrapolate", "all"), default="all")
+    parser.add_argument(
+        "--part", choices=("blocks", "calib", "block70b", "extrapolate", "sharing", "all"), default="all"
+    )
     parser.add_argument("--smollm2", type=Path, default=Path("runs/smollm2"), help="SmolLM2 folder (its tokenizer)")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--blocks", type=int, nargs="+", default=[10, 20, 40, 80])
@@ -316,7 +338,7 @@ def main() -> None:
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     results = {}
-    parts = ("blocks", "calib", "block70b", "extrapolate") if args.part == "all" else (args.part,)
+    parts = ("blocks", "calib", "block70b", "extrapolate", "sharing") if args.part == "all" else (args.part,)
     try:
         for part in parts:
             results[part] = {
@@ -324,6 +346,7 @@ def main() -> None:
                 "calib": bench_calib,
                 "block70b": bench_block70b,
                 "extrapolate": bench_extrapolate,
+                "sharing": bench_sharing,
             }[part](args, args.workdir)
     finally:
         if not args.keep:

@@ -156,10 +156,16 @@ class Replay:
         return self.counts
 
 
-def predicted_sweeps(num_blocks: int, target_blocks: int, lowest: int, highest: int) -> list[list[tuple[Window, ...]]]:
-    """The best-first sweeps under the model's assumption: each step takes the growth whose merged
-    blocks sit highest (so windows grow from the top of [lowest, highest] down). Plans are those the
-    search would score, minus those it scored in an earlier step (memoised)."""
+def predicted_sweeps(
+    num_blocks: int, target_blocks: int, lowest: int, highest: int, placement: str = "top", seed: int = 0
+) -> list[list[tuple[Window, ...]]]:
+    """The best-first sweeps under the model's assumption: each step takes the growth whose changed
+    window sits highest (`placement="top"`: windows grow from the top of [lowest, highest] down; "bottom"
+    and "random" for other outcomes). Plans are those the search would score, minus those it scored in
+    an earlier step (memoised)."""
+    import random
+
+    rng = random.Random(seed)
     from slm_fast.slm import _growths
 
     windows: list[Window] = []
@@ -172,8 +178,28 @@ def predicted_sweeps(num_blocks: int, target_blocks: int, lowest: int, highest: 
         plans = [tuple(output_blocks(grown, num_blocks)) for grown, _ in growths]
         sweeps.append([p for p in dict.fromkeys(plans) if p not in seen])
         seen.update(plans)
-        windows = max(growths, key=lambda growth: growth[1])[0]  # the growth whose changed window sits highest
+        if placement == "top":
+            windows = max(growths, key=lambda growth: growth[1])[0]
+        elif placement == "bottom":
+            windows = min(growths, key=lambda growth: growth[1])[0]
+        else:
+            windows = rng.choice(growths)[0]
     return sweeps
+
+
+def sharing_gain(plans_per_sweep: list[list[tuple[Window, ...]]], num_blocks: int) -> tuple[int, int]:
+    """Block runs of these sweeps (summed over chunks' common factor) without and with shared states:
+    each plan running every block from its departure, against one run per distinct history."""
+    from slm_fast.slm import SharedStates, sweep_schedule
+
+    alone = shared = 0
+    for plans in plans_per_sweep:
+        states = SharedStates()
+        for _, groups in sweep_schedule(plans, num_blocks):
+            for _, members in groups:
+                alone += len(members)
+                shared += len(states.advance(members))
+    return alone, shared
 
 
 def measure_rates(
