@@ -117,7 +117,6 @@ class Replay:
         schedule = sweep_schedule(plans, num_blocks)
         self.residency.plan([self._spec(w).key for _, groups in schedule for w, _ in groups])
         shared = SharedStates()
-        state_bytes = sum(self.chunk_bytes)
         for block, groups in schedule:
             for window, members in groups:
                 self._use(self._spec(window))
@@ -129,8 +128,8 @@ class Replay:
                             self.plan_ledger.read(("state", source, c))
                         self._forward(c)
                         self.plan_ledger.place(("state", target, c), size)
-                    live = len(shared.holders) + (shared.holders.get(source) == 0)
-                    self.counts.max_plan_state_bytes = max(self.counts.max_plan_state_bytes, live * state_bytes)
+                        held = sum(self.plan_ledger.used.values())
+                        self.counts.max_plan_state_bytes = max(self.counts.max_plan_state_bytes, held)
                     self._release(shared.drop_if_unheld(source))
         for index in range(len(plans)):
             source = shared.state_of.get(index)
