@@ -156,6 +156,8 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
     _log(options, layout.describe())
     rates = cost.measure_rates(reader, runner, layout, options.seq_len, journal.states_dir)
     predicted = _predict(reader, options, layout, rates, runner.dtype)
+    timings["setup"] = time.perf_counter() - tick  # calibration tokens, model parts, rates
+    tick = time.perf_counter()
     try:
         reference = calibrate(runner, input_ids, cache, progress=options.progress)
         journal.check_reference(reference)
