@@ -86,7 +86,7 @@ class RunJournal:
 
     def check_reference(self, reference: Tensor) -> None:
         """Record the digest of the reference outputs, or compare it with the recorded one."""
-        digest = hashlib.sha256(reference.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+        digest = hashlib.sha256(memoryview(reference.detach().cpu().contiguous().view(torch.uint8).numpy())).hexdigest()
         recorded = self._run.get("reference_sha256")
         if recorded is None:
             self._run["reference_sha256"] = digest

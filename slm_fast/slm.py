@@ -248,22 +248,35 @@ class CandidateScorer:
                         self._release(shared.drop_if_unheld(source))
             for index, key in enumerate(todo):
                 source = shared.state_of.get(index)
-                finals = []
-                for chunk in chunks:
-                    hidden = (
+                finals = (
+                    self.runner.final_norm(
                         self.cache.get_chunk(num_blocks, chunk)
                         if source is None
                         else store.get(("state", source, chunk))
                     )
-                    finals.append(self.runner.final_norm(hidden))
+                    for chunk in chunks
+                )
+                score = self._similarity(finals)
                 self._release(shared.finish(index))
-                final = torch.cat(finals) if len(finals) > 1 else finals[0]
-                score = similarity_to_reference(self.criterion, self.reference, final)
                 self.plan_scores[key] = score
                 if self.on_scored is not None:
                     self.on_scored("plan", key, score)
         finally:
             self._release(list(shared.holders))
+
+    def _similarity(self, finals) -> float:
+        """The criterion on a candidate's final-norm outputs, given chunk by chunk. Cosine is a mean over
+        samples, so it is taken one sample at a time (memory of one chunk, whatever the calibration
+        size); the other criteria see all tokens at once."""
+        if self.criterion != "cosine":
+            finals = list(finals)
+            return similarity_to_reference(self.criterion, self.reference, torch.cat(finals))
+        per_sample, row = [], 0
+        for final in finals:
+            for sample in final.split(1):
+                per_sample.append(similarity_to_reference("cosine", self.reference[row : row + 1], sample))
+                row += 1
+        return torch.tensor(per_sample, dtype=torch.float64).mean().item()
 
     def _release(self, states) -> None:
         for state in states if isinstance(states, list) else [states]:
