@@ -22,10 +22,24 @@ if triton_cka.unavailable_reason("cuda" if torch.cuda.is_available() else "cpu")
     pytest.skip("the Triton backend cannot run here", allow_module_level=True)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _uncentred(function):
+    """The variant with zero centres: these tests check the kernels' arithmetic on the given values
+    (zero-mean data, so nothing is lost), the oracle sees exactly what the tensor cores multiply;
+    test_similarity_offsets.py checks the centring on data with offsets."""
+
+    def call(rows, cols, **kwargs):
+        kwargs.setdefault("centers", [torch.zeros(x.shape[1], device=x.device) for x in rows])
+        return function(rows, cols, **kwargs)
+
+    return call
+
+
 VARIANTS = {
-    "band": triton_cka.band_kernel_sums,
-    "all_pairs": triton_cka.all_pairs_kernel_sums,
-    "auto": triton_cka.kernel_sums,
+    "band": _uncentred(triton_cka.band_kernel_sums),
+    "all_pairs": _uncentred(triton_cka.all_pairs_kernel_sums),
+    "auto": _uncentred(triton_cka.kernel_sums),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -47,6 +61,7 @@ def _assert_matches_oracle(got, rows, cols, kernel, gammas, pairs, rtol=2e-5):
         kernel=kernel,
         gammas=gammas,
         pairs=pairs,
+        centers=[torch.zeros(r.shape[1]) for r in rows],
     )
     for name, g, w in zip(("frob", "row_sums", "col_sums"), got, want, strict=True):
         assert g.dtype == torch.float64, name
@@ -106,14 +121,14 @@ def test_many_layers_all_pairs_block():
     widths = [16 + (a % 3) for a in range(n_layers)]
     rows = _layers(20, widths, torch.float16, seed=7)
     pairs = torch.tensor([[a, b] for a in range(n_layers) for b in {a, n_layers - 1 - a, 0}])
-    got = triton_cka.all_pairs_kernel_sums(rows, None, kernel="linear", gammas=None, pairs=pairs)
+    got = VARIANTS["all_pairs"](rows, None, kernel="linear", gammas=None, pairs=pairs)
     _assert_matches_oracle(got, rows, None, "linear", None, pairs)
 
 
 def test_single_layer_no_pairs_and_no_tokens():
     rows = _layers(9, [16], torch.float32, seed=8)
     no_pairs = torch.zeros(0, 2, dtype=torch.int64)
-    got = triton_cka.kernel_sums(rows, None, kernel="linear", gammas=None, pairs=no_pairs)
+    got = VARIANTS["auto"](rows, None, kernel="linear", gammas=None, pairs=no_pairs)
     _assert_matches_oracle(got, rows, None, "linear", None, no_pairs)
     empty = triton_cka.kernel_sums(
         _layers(0, [16, 8], torch.float32, seed=9), None, kernel="rbf", gammas=[1.0, 1.0], pairs=torch.tensor([[0, 1]])

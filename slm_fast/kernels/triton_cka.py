@@ -13,6 +13,10 @@ tile: its B row sums, its B column sums and its Frobenius products. Two ways of 
   workspace [T, L, B*B] for a batch of T tile pairs, then one small matmul per tile pair gives the
   L x L Frobenius products of all layers at once.
 
+Inputs are centred first (the contract's centre subtracted in float32, then cast back to the inputs'
+dtype, widths zero-padded to a multiple of 16), so RBF distances come from centred rows and the
+precision does not depend on the layers' offsets.
+
 `kernel_sums` picks the variant that computes fewer Gram tiles. Precision: per-tile partial sums are
 fp32 (one tile holds at most B*B terms) and every sum across tiles is taken in float64 on the host,
 which keeps the results deterministic (no atomics). fp32 inputs use tf32 or ieee dots as torch's
@@ -33,7 +37,7 @@ import torch
 from torch import Tensor
 
 from slm_fast.errors import InputError
-from slm_fast.kernels import KernelSums, check_inputs
+from slm_fast.kernels import KernelSums, centred_copy, check_inputs
 
 try:
     import triton
@@ -45,6 +49,8 @@ else:
     _TRITON_IMPORT_ERROR = None
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Widths are padded to a multiple of this many elements (zeros add nothing to dots or norms).
+WIDTH_ALIGN = 16
 BLOCK_SIZES = (16, 32, 64, 128)
 DEFAULT_BLOCK_GPU = 128
 DEFAULT_BLOCK_INTERPRETER = 16
@@ -378,12 +384,19 @@ def _prepare(
     kernel: str,
     gammas: Sequence[float] | None,
     pairs: Tensor,
+    centers: Sequence[Tensor] | None,
 ) -> _Problem:
-    rows, cols, symmetric, gammas, pair_list = check_inputs(rows, cols, kernel, gammas, pairs, dtypes=SUPPORTED_DTYPES)
-    tensors = rows + cols
-    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-    rows = [_unit_stride(r.to(dtype)) for r in rows]
-    cols = rows if symmetric else [_unit_stride(c.to(dtype)) for c in cols]
+    """Check the inputs and centre them: each layer's tokens minus its centre in float32, then cast to
+    the inputs' (promoted) dtype, in a copy whose width is padded with zeros to a multiple of
+    WIDTH_ALIGN, so that every row starts 16-element aligned and the d loop needs no ragged chunk."""
+    inputs = check_inputs(rows, cols, kernel, gammas, pairs, centers, dtypes=SUPPORTED_DTYPES)
+    rows, cols, symmetric, gammas, pair_list = inputs.rows, inputs.cols, inputs.symmetric, inputs.gammas, inputs.pairs
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in rows + cols))
+    rows = [centred_copy(x, c, dtype, _padded(x.shape[1])) for x, c in zip(rows, inputs.centers, strict=True)]
+    if not symmetric:
+        cols = [centred_copy(x, c, dtype, _padded(x.shape[1])) for x, c in zip(cols, inputs.centers, strict=True)]
+    else:
+        cols = rows
 
     rbf = kernel == "rbf"
     if rbf:
@@ -395,8 +408,8 @@ def _prepare(
     return _Problem(rows, cols, row_norms, col_norms, gammas, rbf, symmetric, pair_list)
 
 
-def _unit_stride(x: Tensor) -> Tensor:
-    return x if x.stride(1) == 1 else x.contiguous()
+def _padded(width: int) -> int:
+    return -(-width // WIDTH_ALIGN) * WIDTH_ALIGN
 
 
 def _squared_row_norms(x: Tensor, chunk_bytes: int = 64 << 20) -> Tensor:
@@ -690,13 +703,14 @@ def _run(
     kernel: str,
     gammas: Sequence[float] | None,
     pairs: Tensor,
+    centers: Sequence[Tensor] | None,
     block_size: int | None,
 ) -> KernelSums:
     if rows:
         reason = unavailable_reason(rows[0].device)
         if reason is not None:
             raise InputError(f"backend 'triton' cannot run on {rows[0].device}: {reason}")
-    problem = _prepare(rows, cols, kernel, gammas, pairs)
+    problem = _prepare(rows, cols, kernel, gammas, pairs, centers)
     block = _block(block_size)
     if problem.n_rows == 0 or problem.n_cols == 0:
         return _empty_result(problem)
@@ -717,12 +731,13 @@ def kernel_sums(
     kernel: str,
     gammas: Sequence[float] | None,
     pairs: Tensor,
+    centers: Sequence[Tensor] | None = None,
     block_size: int | None = None,
 ) -> KernelSums:
     """The backend contract (slm_fast/kernels/__init__.py), by the variant computing fewer Gram tiles.
 
     block_size is the token tile B (16, 32, 64 or 128; default 128 on a GPU)."""
-    return _run(_run_cheaper, rows, cols, kernel, gammas, pairs, block_size)
+    return _run(_run_cheaper, rows, cols, kernel, gammas, pairs, centers, block_size)
 
 
 def band_kernel_sums(
@@ -732,10 +747,11 @@ def band_kernel_sums(
     kernel: str,
     gammas: Sequence[float] | None,
     pairs: Tensor,
+    centers: Sequence[Tensor] | None = None,
     block_size: int | None = None,
 ) -> KernelSums:
     """kernel_sums by the band variant: one launch per cross pair, both tiles in registers."""
-    return _run(_run_band, rows, cols, kernel, gammas, pairs, block_size)
+    return _run(_run_band, rows, cols, kernel, gammas, pairs, centers, block_size)
 
 
 def all_pairs_kernel_sums(
@@ -745,7 +761,8 @@ def all_pairs_kernel_sums(
     kernel: str,
     gammas: Sequence[float] | None,
     pairs: Tensor,
+    centers: Sequence[Tensor] | None = None,
     block_size: int | None = None,
 ) -> KernelSums:
     """kernel_sums by the all-pairs variant: staged tiles, one L x L matmul per tile pair."""
-    return _run(_run_all_pairs, rows, cols, kernel, gammas, pairs, block_size)
+    return _run(_run_all_pairs, rows, cols, kernel, gammas, pairs, centers, block_size)

@@ -102,11 +102,13 @@ def with_diagonal(pairs: Tensor) -> Tensor:
     return torch.unique(torch.cat([pairs, torch.stack([layers, layers], 1)]), dim=0)
 
 
-def squared_norms(layers: Sequence[Tensor], chunk: int = 4096) -> Tensor:
-    """[L, n] float64 |x_ai|^2: the diagonal of the linear kernel, which unbiased HSIC removes."""
+def squared_norms(layers: Sequence[Tensor], centers: Sequence[Tensor], chunk: int = 4096) -> Tensor:
+    """[L, n] float64 |x_ai - c_a|^2: the diagonal of the linear kernel of the centred layers (the
+    kernel the backends reduce), which unbiased HSIC removes."""
     n = layers[0].shape[0]
     out = torch.empty(len(layers), n, dtype=torch.float64, device=layers[0].device)
-    for a, x in enumerate(layers):
+    for a, (x, c) in enumerate(zip(layers, centers, strict=True)):
         for s in range(0, n, chunk):
-            out[a, s : s + chunk] = torch.linalg.vector_norm(x[s : s + chunk], dim=1, dtype=torch.float64).square_()
+            centred = x[s : s + chunk].to(c.dtype) - c
+            out[a, s : s + chunk] = torch.linalg.vector_norm(centred, dim=1, dtype=torch.float64).square_()
     return out
