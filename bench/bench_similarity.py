@@ -6,7 +6,9 @@ Suites (`--suite`, repeatable; default all but `large`):
            GFLOP/s on the flops performed = 2 d L (kernel entries computed: tiles J >= I, diagonal
            blocks whole) / time, against torch.mm's GFLOP/s for X X^T ([n, d] @ [d, n], n capped at
            8192) timed in the same process, interleaved repeat by repeat with ours (the machine may be
-           shared): medians of both and the median of the per-repeat ratios.
+           shared): medians of both and the median of the per-repeat ratios, from wall time and, in
+           parentheses, from the process's CPU time (one thread: the time it actually ran, which
+           discounts the time other jobs held the core).
   oracle   the n x n baseline (float64 Gram matrices of every layer, centred, Frobenius products) at the
            same shapes where its predicted peak stays under --oracle-limit-gb; elsewhere the peak is
            predicted from the fitted model. Also the largest n of each within --budget-gb (24 GB).
@@ -93,29 +95,40 @@ def case_rbf(spec: dict) -> dict:
     x = acts[0, :gemm_n].contiguous()
     out = torch.empty(gemm_n, gemm_n)
     torch.mm(x, x.T, out=out)  # warm-up
-    gemm_times, ours_times = [], []
+    wall: dict[str, list[float]] = {"gemm": [], "ours": []}
+    cpu: dict[str, list[float]] = {"gemm": [], "ours": []}
+
+    def timed(name: str, run: Any) -> None:
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        run()
+        wall[name].append(time.perf_counter() - start_wall)
+        cpu[name].append(time.process_time() - start_cpu)
+
     for _ in range(spec["repeats"]):
-        start = time.perf_counter()
-        torch.mm(x, x.T, out=out)
-        gemm_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        cka_matrix(acts, "rbf", sigma=sigma, backend="tiled")
-        ours_times.append(time.perf_counter() - start)
-    del out
+        timed("gemm", lambda: torch.mm(x, x.T, out=out))
+        timed("ours", lambda: cka_matrix(acts, "rbf", sigma=sigma, backend="tiled"))
     gemm_flops = 2 * gemm_n * gemm_n * d
-    ratios = [(performed / t) / (gemm_flops / g) for t, g in zip(ours_times, gemm_times, strict=True)]
-    median = statistics.median(ours_times)
+
+    def rates(times: dict[str, list[float]]) -> dict:
+        ratios = [(performed / t) / (gemm_flops / g) for t, g in zip(times["ours"], times["gemm"], strict=True)]
+        return {
+            "gflops_performed": performed / statistics.median(times["ours"]) / 1e9,
+            "gemm_gflops": gemm_flops / statistics.median(times["gemm"]) / 1e9,
+            "ratio_median": statistics.median(ratios),
+            "ratios": ratios,
+        }
+
     return {
-        "seconds": median,
-        "times": ours_times,
+        "seconds": statistics.median(wall["ours"]),
+        "times": wall["ours"],
+        "gemm_times": wall["gemm"],
+        "cpu_times": cpu["ours"],
+        "gemm_cpu_times": cpu["gemm"],
         "tile": tile,
         "performed_gflop": performed / 1e9,
-        "gflops_performed": performed / median / 1e9,
         "gemm_n": gemm_n,
-        "gemm_times": gemm_times,
-        "gemm_gflops": gemm_flops / statistics.median(gemm_times) / 1e9,
-        "ratio_median": statistics.median(ratios),
-        "ratios": ratios,
+        **rates(wall),
+        "cpu": rates(cpu),
         "rss_after_inputs": base,
     }
 
@@ -370,7 +383,11 @@ def print_table(results: list[dict]) -> None:
             continue
         seconds = r.get("seconds", r.get("tiled_seconds"))
         if r["case"] == "rbf":
-            rates = f"{r['gflops_performed']:.1f} | {r['gemm_gflops']:.1f} | {r['ratio_median']:.2f}"
+            on_cpu = r["cpu"]
+            rates = (
+                f"{r['gflops_performed']:.1f} ({on_cpu['gflops_performed']:.1f}) | {r['gemm_gflops']:.1f} "
+                f"({on_cpu['gemm_gflops']:.1f}) | {r['ratio_median']:.2f} ({on_cpu['ratio_median']:.2f})"
+            )
         else:
             rates = " | | "
         above = (r["peak_rss"] - r["rss_after_inputs"]) / mib if "rss_after_inputs" in r else float("nan")

@@ -130,7 +130,9 @@ def center_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
 
 
 def layer_centers(rows: Sequence[Tensor], cols: Sequence[Tensor] | None = None, chunk: int = 4096) -> list[Tensor]:
-    """Token mean of each layer over rows (and cols), summed in float64, returned in `center_dtype`."""
+    """Token mean of each layer over rows (and cols), returned in `center_dtype`: chunk sums in the
+    chunk's precision (float32 at least; torch sums pairwise), accumulated in float64. Any centre near
+    the mean serves (see the module docstring), and a float64 sum of float32 data would cost far more."""
     sides = [list(rows)] if cols is None else [list(rows), list(cols)]
     dtype = center_dtype([t for side in sides for t in side])
     centers = []
@@ -140,7 +142,8 @@ def layer_centers(rows: Sequence[Tensor], cols: Sequence[Tensor] | None = None, 
         for side in sides:
             x = side[a]
             for s in range(0, x.shape[0], chunk):
-                total += x[s : s + chunk].sum(0, dtype=torch.float64)
+                part = x[s : s + chunk]
+                total += part.sum(0, dtype=torch.promote_types(part.dtype, torch.float32)).double()
             count += x.shape[0]
         centers.append((total / max(count, 1)).to(dtype))
     return centers
