@@ -17,6 +17,11 @@ Suites (`--suite`, repeatable; default all but `large`):
   keops    pykeops (if it imports) RBF row sums exp(-g |x_i - x_j|^2).sum(j) on the data of one layer,
            against the tiled backend's kernel sums of that layer.
   large    one run with n = 100k tokens (L = 8, d = 576) of exact RBF CKA.
+  packages the CKA packages users reach for (pip install -e '.[bench]': pytorch-cka, ckatorch) on the same
+           activations with an offset of 30: all-pairs linear unbiased CKA (the estimator both offer), their
+           time, peak RSS, error against the float64 oracle next to ours, and their largest n within
+           --budget-gb extrapolated from the peaks at two n. (torch-cka works only through forward hooks
+           on models and averages minibatch estimates, so it cannot take the same activations.)
 
 Inputs are float32 standard normal activations with a shared latent signal, seeded. Times are medians
 over --repeats runs (1 for cases above 20 s). Threads: --threads (default 1). Results: a JSON line per
@@ -223,11 +228,104 @@ def case_keops(spec: dict) -> dict:
     return {**result, "keops_seconds": median, "keops_times": times, "keops_rel_error": error}
 
 
+def oracle_linear_unbiased(acts: Any) -> Any:
+    """The n x n way in float64: unbiased linear HSIC (Song et al. 2012) of every pair, then CKA."""
+    import torch
+
+    grams = []
+    for x in acts:
+        x = x.double()
+        k = x @ x.T
+        k.fill_diagonal_(0)
+        grams.append(k)
+    n = grams[0].shape[0]
+    sums = [k.sum() for k in grams]
+    rows = [k.sum(1) for k in grams]
+    count = len(grams)
+    hsic = torch.empty(count, count, dtype=torch.float64)
+    for a in range(count):
+        for b in range(a, count):
+            value = (
+                (grams[a] * grams[b]).sum() + sums[a] * sums[b] / ((n - 1) * (n - 2)) - 2 * rows[a] @ rows[b] / (n - 2)
+            )
+            hsic[a, b] = hsic[b, a] = value / (n * (n - 3))
+    scale = hsic.diagonal().sqrt()
+    return hsic / (scale[:, None] * scale[None, :])
+
+
+def package_cka(package: str, acts: Any) -> Any:
+    """[L, L] linear unbiased CKA of all layer pairs by one of the CKA packages users reach for."""
+    import torch
+
+    if package == "pytorch-cka":
+        from cka import cka_from_features
+
+        return cka_from_features(acts, acts)
+    if package == "ckatorch":
+        from ckatorch.core import cka_base
+
+        count = acts.shape[0]
+        out = torch.empty(count, count, dtype=torch.float64)
+        for a in range(count):
+            for b in range(a, count):
+                out[a, b] = out[b, a] = cka_base(acts[a], acts[b], kernel="linear", unbiased=True)
+        return out
+    raise ValueError(package)
+
+
+def case_package(spec: dict) -> dict:
+    """One package's all-pairs linear unbiased CKA (the one estimator both packages offer) on activations
+    with a shared offset of 30, as residual streams carry: its time and peak RSS (read before anything
+    else runs in this process), then ours (tiled) and the float64 n x n oracle on the same values."""
+    from slm_fast import cka_matrix
+
+    acts = make_layers(spec["n"], spec["d"], spec["L"]) + 30.0
+    base = rss_bytes("VmRSS")
+    start = time.perf_counter()
+    try:
+        theirs = package_cka(spec["package"], acts)
+    except ImportError as exc:
+        return {"package_error": f"not installed ({exc}); pip install -e '.[bench]'"}
+    seconds = time.perf_counter() - start
+    peak = rss_bytes("VmHWM")
+    start = time.perf_counter()
+    ours = cka_matrix(acts, "linear", unbiased=True, backend="tiled")
+    ours_seconds = time.perf_counter() - start
+    want = oracle_linear_unbiased(acts)
+    return {
+        "seconds": seconds,
+        "package_peak_rss": peak,
+        "rss_after_inputs": base,
+        "ours_seconds": ours_seconds,
+        "package_max_error": float((theirs.double() - want).abs().max()),
+        "ours_max_error": float((ours - want).abs().max()),
+        "oracle_cka_0_1": float(want[0, 1]),
+    }
+
+
+def package_largest_n(results: list[dict], package: str, layers: int, d: int, budget: float) -> dict:
+    """Largest n of a package within `budget`, extrapolated from its two measured peaks: the inputs
+    (4 n d L bytes) plus a fixed part plus a part quadratic in n (its n x n Gram matrices)."""
+    runs = sorted(
+        (r for r in results if r.get("case") == "package" and r.get("package") == package and "package_peak_rss" in r),
+        key=lambda r: r["n"],
+    )
+    if len(runs) < 2:
+        return {"case": "largest_n_package", "package": package, "n": None}
+    small, big = runs[0], runs[-1]
+    extra = [r["package_peak_rss"] - 4 * r["n"] * d * layers for r in (small, big)]
+    per_square = max(1e-9, (extra[1] - extra[0]) / (big["n"] ** 2 - small["n"] ** 2))
+    fixed = extra[1] - per_square * big["n"] ** 2
+    n = largest_n(lambda n: fixed + per_square * n * n + 4 * n * d * layers, budget)
+    return {"case": "largest_n_package", "package": package, "L": layers, "d": d, "n": n, "bytes_per_n2": per_square}
+
+
 CASES = {
     "rbf": case_rbf,
     "oracle": case_oracle,
     "linear": case_linear_stream,
     "keops": case_keops,
+    "package": case_package,
 }
 
 
@@ -298,7 +396,7 @@ def ours_largest_n(results: list[dict], layers: int, d: int, budget: float) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--suite", action="append", choices=["rbf", "oracle", "linear", "keops", "large"])
+    parser.add_argument("--suite", action="append", choices=["rbf", "oracle", "linear", "keops", "large", "packages"])
     parser.add_argument("--sizes", default="2048,4096,8192", help="token counts n of the rbf and oracle suites")
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 32], help="layer counts L of rbf and oracle")
     parser.add_argument("--widths", type=int, nargs="+", default=[576, 4096], help="widths d of rbf and oracle")
@@ -356,6 +454,11 @@ def main() -> None:
         record({"case": "linear", "n": 16384, "d": 576, "L": 32, "state": "features"})
         record({"case": "linear", "n": 8192, "d": 4096, "L": 8})
         record({"case": "linear", "n": 65536, "d": 576, "L": 8})
+    if "packages" in suites:
+        for package in ("pytorch-cka", "ckatorch"):
+            for n in (1024, 2048):
+                record({"case": "package", "package": package, "n": n, "d": 576, "L": 8, "repeats": 1})
+            results.append(package_largest_n(results, package, 8, 576, args.budget_gb * 1e9))
     if "keops" in suites:
         for d in (576, 4096):
             record({"case": "keops", "n": 4096, "d": d, "L": 1})
@@ -404,6 +507,14 @@ def print_table(results: list[dict]) -> None:
             print(
                 f"linear stream L={r['L']} d={r['d']} n={r['n']}: {r['tokens_per_s']:.0f} tokens/s ({r['state']} state)"
             )
+        if r.get("case") == "package" and "seconds" in r:
+            print(
+                f"{r['package']} L={r['L']} d={r['d']} n={r['n']}: {r['seconds']:.2f} s, peak RSS "
+                f"{r['package_peak_rss'] / mib:.0f} MiB; max |CKA - oracle| {r['package_max_error']:.1e} (ours "
+                f"{r['ours_max_error']:.1e} in {r['ours_seconds']:.2f} s)"
+            )
+        if r.get("case") == "largest_n_package":
+            print(f"largest n within budget, {r['package']} (extrapolated from two measured peaks): {r['n']}")
         if r.get("case") == "keops":
             figures = {k: v for k, v in r.items() if "keops" in k or "tiled" in k}
             print(f"keops d={r['d']} n={r['n']}: {json.dumps(figures)}")

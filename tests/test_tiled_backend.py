@@ -144,6 +144,19 @@ def test_tile_and_panel_follow_the_budgets() -> None:
         assert 4 * panel * layers_count * (width + 2) <= tiled.PANEL_BYTES["cpu"] or panel == tile
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_one_width_takes_the_batched_gemm(kernel: str, symmetric: bool, monkeypatch) -> None:
+    """Layers of one width: the operands are one [L, t, d] tensor and every chunk one batched GEMM."""
+    monkeypatch.setattr(tiled, "_feature_form_is_cheaper", lambda problem: False)
+    generator = torch.Generator().manual_seed(11)
+    rows = [torch.randn(45, 7, generator=generator) + 3.0 for _ in range(3)]
+    cols = None if symmetric else [torch.randn(20, 7, generator=generator) - 1.0 for _ in range(3)]
+    gammas = GAMMAS if kernel == "rbf" else None
+    ours = tiled.kernel_sums(rows, cols, kernel=kernel, gammas=gammas, pairs=PAIRS, block_size=8)
+    assert_close(ours, rows, cols, kernel, gammas, PAIRS, TOLERANCE[torch.float32])
+
+
 def test_several_panels_match_one(monkeypatch) -> None:
     """Panels smaller than the token count: row slabs pair with every later panel, the diagonal block
     of each slab falls inside its own panel."""

@@ -53,6 +53,13 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 WIDTH_ALIGN = 16
 BLOCK_SIZES = (16, 32, 64, 128)
 DEFAULT_BLOCK_GPU = 128
+# The band variant holds two kernel tiles in registers: its tile is capped at 64 tokens, with which
+# every configuration compiles without spills (at 128, 2 x 128 x 128 fp32 values need more registers
+# than 4 or 8 warps have).
+BAND_BLOCK_GPU = 64
+# fp32 operands take twice the registers of bf16 ones (and ieee dots multiply on CUDA cores, operands
+# in registers): 64-token tiles, with which FP32_CONFIGS compile without spills.
+FP32_BLOCK_GPU = 64
 DEFAULT_BLOCK_INTERPRETER = 16
 # Host-side bounds: partial sums of one row chunk, and the staged tiles of one batch of tile pairs.
 PARTIALS_BYTES = 256 << 20
@@ -314,16 +321,38 @@ if triton is not None:
         out = out_ptr + t.to(tl.int64) * n_layers * n_layers
         tl.store(out + layers_a[:, None] * n_layers + layers_b[None, :], acc, mask=mask_a[:, None] & mask_b[None, :])
 
-    _GPU_TILE_CONFIGS = [
+    # Autotuned configurations, one list per register footprint; every one compiles without register
+    # spills for sm_80 and sm_90 (tests/test_triton_cka.py compiles them all ahead of time).
+    # One kernel tile of BLOCK_GPU x BLOCK_GPU (all-pairs launches, band items of one layer):
+    # (4 warps hold 128 fp32 accumulators a thread and spill on sm_80.)
+    ONE_LAYER_CONFIGS = [
         triton.Config({"BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=5),
+        triton.Config({"BLOCK_K": 32}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_K": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_K": 64}, num_warps=16, num_stages=3),  # two 128 x 128 tiles in registers
+        triton.Config({"BLOCK_K": 64}, num_warps=16, num_stages=3),
     ]
-    _tile_pairs_autotuned = triton.autotune(
-        configs=_GPU_TILE_CONFIGS, key=["d_a", "d_b", "BLOCK", "TWO_LAYERS", "RBF", "STAGE"]
-    )(_tile_pairs_kernel)
+    # Two kernel tiles of BAND_BLOCK_GPU x BAND_BLOCK_GPU at once (band items of two layers):
+    TWO_LAYER_CONFIGS = [
+        triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_K": 64}, num_warps=8, num_stages=3),
+    ]
+    # fp32 inputs (tf32 tensor cores, or ieee dots on CUDA cores with operands and accumulators all in
+    # registers), FP32_BLOCK_GPU, one or two layers:
+    FP32_CONFIGS = [
+        triton.Config({"BLOCK_K": 16}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_K": 16}, num_warps=8, num_stages=3),
+    ]
+    _TUNING_KEY = ["d_a", "d_b", "BLOCK", "RBF", "STAGE", "TWO_LAYERS"]
+    _AUTOTUNED = {
+        (two_layers, fp32): triton.autotune(configs=configs, key=_TUNING_KEY)(_tile_pairs_kernel)
+        for two_layers, fp32, configs in [
+            (False, False, ONE_LAYER_CONFIGS),
+            (True, False, TWO_LAYER_CONFIGS),
+            (False, True, FP32_CONFIGS),
+            (True, True, FP32_CONFIGS),
+        ]
+    }
 
 
 def unavailable_reason(device: torch.device | str) -> str | None:
@@ -445,8 +474,10 @@ def _launch_options(dtype: torch.dtype) -> dict:
     return options
 
 
-def _tile_kernel():
-    return _tile_pairs_kernel if _interpreting() else _tile_pairs_autotuned
+def _tile_kernel(two_layers: bool, dtype: torch.dtype):
+    if _interpreting():
+        return _tile_pairs_kernel
+    return _AUTOTUNED[(two_layers, dtype == torch.float32)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -538,7 +569,7 @@ def _launch_tile_pairs(
     rows = partials.rows
     frob_out = rows if frob is None else frob
     staged_out = rows if staged is None else staged
-    _tile_kernel()[(tile_i.numel(),)](
+    _tile_kernel(b is not None, problem.rows[0].dtype)[(tile_i.numel(),)](
         tile_i,
         tile_j,
         first,
@@ -606,6 +637,7 @@ def _band_gemms(items: Sequence[_BandItem]) -> int:
 
 
 def _run_band(problem: _Problem, block: int) -> KernelSums:
+    block = min(block, BAND_BLOCK_GPU)
     items = _band_items(problem.n_layers, problem.pairs)
     n_tiles_j = _cdiv(problem.n_cols, block)
 
@@ -652,7 +684,7 @@ def _staged_frob_options(n_layers: int) -> dict:
     precise = "tf32x3" if torch.version.hip is None and not _interpreting() else "ieee"
     return {
         "BLOCK_L": min(64, max(16, triton.next_power_of_2(n_layers))),
-        "BLOCK_E": 64,
+        "BLOCK_E": 32,  # 64 spills on sm_80 with tf32x3 (three dots of 64 x 64 operands)
         "INPUT_PRECISION": precise,
     }
 
@@ -712,6 +744,8 @@ def _run(
             raise InputError(f"backend 'triton' cannot run on {rows[0].device}: {reason}")
     problem = _prepare(rows, cols, kernel, gammas, pairs, centers)
     block = _block(block_size)
+    if block_size is None and problem.rows[0].dtype == torch.float32 and not _interpreting():
+        block = FP32_BLOCK_GPU
     if problem.n_rows == 0 or problem.n_cols == 0:
         return _empty_result(problem)
     return run(problem, block)
@@ -736,7 +770,8 @@ def kernel_sums(
 ) -> KernelSums:
     """The backend contract (slm_fast/kernels/__init__.py), by the variant computing fewer Gram tiles.
 
-    block_size is the token tile B (16, 32, 64 or 128; default 128 on a GPU)."""
+    block_size is the token tile B (16, 32, 64 or 128; default 128 on a GPU; the band variant caps
+    it at BAND_BLOCK_GPU = 64)."""
     return _run(_run_cheaper, rows, cols, kernel, gammas, pairs, centers, block_size)
 
 
@@ -750,7 +785,8 @@ def band_kernel_sums(
     centers: Sequence[Tensor] | None = None,
     block_size: int | None = None,
 ) -> KernelSums:
-    """kernel_sums by the band variant: one launch per cross pair, both tiles in registers."""
+    """kernel_sums by the band variant: one launch per cross pair, both tiles in registers (token tile
+    at most BAND_BLOCK_GPU)."""
     return _run(_run_band, rows, cols, kernel, gammas, pairs, centers, block_size)
 
 
