@@ -71,7 +71,14 @@ def _sums_rtol(width: int) -> float:
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
 @pytest.mark.parametrize(("m", "k"), [(700, None), (517, 301)], ids=["symmetric", "rectangular"])
-def test_kernel_sums_at_real_sizes(backend: str, dtype: torch.dtype, width: int, kernel: str, m: int, k) -> None:
+@pytest.mark.parametrize(
+    "pairs",
+    [[[0, 1], [1, 2], [0, 0], [2, 1], [2, 2], [1, 1]], [[0, 1], [0, 0], [1, 1]]],
+    ids=["all-pairs-variant", "band-variant"],
+)
+def test_kernel_sums_at_real_sizes(
+    backend: str, dtype: torch.dtype, width: int, kernel: str, m: int, k, pairs: list
+) -> None:
     module = _backend(backend)
     raw = _activations(m + (k or 0), width, 3, seed=width)
     centers = layer_centers(raw)
@@ -82,7 +89,7 @@ def test_kernel_sums_at_real_sizes(backend: str, dtype: torch.dtype, width: int,
     cols = None if k is None else [x[m:] for x in rounded]
     zeros = [torch.zeros(width, device="cuda") for _ in rounded]
     gammas = [1.0 / (2.0 * float(x.float().var(0).sum())) for x in rows] if kernel == "rbf" else None
-    pairs = torch.tensor([[0, 1], [1, 2], [0, 0], [2, 1], [2, 2], [1, 1]])
+    pairs = torch.tensor(pairs)
     got = module.kernel_sums(rows, cols, kernel=kernel, gammas=gammas, pairs=pairs, centers=zeros)
     got = KernelSums(*(t.cpu() for t in got))
     host_rows = [x.cpu() for x in rows]

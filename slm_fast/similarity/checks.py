@@ -65,14 +65,20 @@ def check_layers(layers: Sequence[Tensor], *, tokens_at_least: int, what: str = 
             f"{what}: {first.shape[0]} tokens, but the estimator needs at least {tokens_at_least}"
             + (" (unbiased HSIC divides by n(n-3))" if tokens_at_least == 4 else "")
         )
-    return [bool((x == x[:1]).all()) for x in layers]
+    return [torch.equal(x, x[:1].expand_as(x)) for x in layers]
 
 
 def check_finite(x: Tensor, what: str) -> None:
+    """InputError naming the first token with a NaN or Inf. The test is the minimum and maximum (one
+    pass, no n x d mask; NaN propagates into both): a mask is built only to locate a bad token."""
+    if x.numel() == 0:
+        return
+    low, high = torch.aminmax(x)
+    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+        return
     finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        token = int((~finite).any(1).nonzero()[0, 0])
-        raise InputError(f"{what} holds NaN or Inf values (first at token {token})")
+    token = int((~finite).reshape(x.shape[0], -1).any(1).nonzero()[0, 0]) if x.ndim else 0
+    raise InputError(f"{what} holds NaN or Inf values (first at token {token})")
 
 
 def normalize_pairs(pairs: Sequence[Sequence[int]] | Tensor | None, num_layers: int) -> Tensor:
