@@ -35,6 +35,8 @@ def as_double(layers: list[torch.Tensor]) -> list[torch.Tensor]:
     return [x.double() for x in layers]
 
 
+# The float32 target of every backend against the float64 oracle (derivation in test_similarity_offsets.py).
+FP32_TOLERANCE = 1e-5
 ATOL = {torch.float64: 1e-11, torch.float32: 1e-6, torch.bfloat16: 1e-6, torch.float16: 1e-6}
 
 
@@ -81,7 +83,11 @@ def test_requested_pairs_leave_the_rest_nan() -> None:
     for a, b in [(0, 1), (1, 2), (0, 0), (1, 1), (2, 2)]:
         computed[a, b] = computed[b, a] = True
     assert torch.isnan(band[~computed]).all()  # layer 3 is in no pair: even its diagonal is NaN
-    assert torch.allclose(band[computed], full[computed], atol=1e-12, rtol=0)
+    # Both are float32 evaluations staging different layers, so their roundings differ: each is within
+    # the float32 tolerance (derived in test_similarity_offsets.py) of the float64 oracle.
+    want = oracle.cka_matrix(as_double(layers), "rbf", [2.0] * 4, False)
+    assert torch.allclose(full, want, atol=FP32_TOLERANCE, rtol=0)
+    assert torch.allclose(band[computed], want[computed], atol=FP32_TOLERANCE, rtol=0)
     assert torch.isnan(hsic(layers, pairs=[(0, 2)])[3, 3])
 
 
@@ -196,15 +202,18 @@ def test_zero_unbiased_hsic_is_nan_with_a_warning() -> None:
     assert torch.isnan(cka[0]).all() and cka[1, 1] == 1
 
 
-def test_mean_far_above_spread_warns_or_gives_nan() -> None:
-    """The backends return uncentred sums; when a layer's mean dwarfs its spread, float64 centering loses
-    digits (a warning says how many) or everything (NaN and a warning), never silently."""
+def test_mean_far_above_spread_costs_no_precision() -> None:
+    """Layers are centred before any product, so a mean 1e3 or 1e5 times the spread changes nothing
+    (float64 input: centred in float64) and raises no precision warning."""
     generator = torch.Generator().manual_seed(16)
     noise = [torch.randn(200, 8, generator=generator, dtype=torch.float64) for _ in range(2)]
-    with pytest.warns(RuntimeWarning, match="significant digits"):
-        cka_matrix([x + 1e3 for x in noise], "linear")
-    with pytest.warns(RuntimeWarning, match="zero within float64 rounding"):
-        assert torch.isnan(cka_matrix([x + 1e5 for x in noise], "linear")).all()
+    noise[1] += 0.5 * noise[0]
+    for kernel, sigma in (("linear", None), ("rbf", 4.0)):
+        plain = cka_matrix(noise, kernel, sigma)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for offset in (1e3, 1e5):
+                assert torch.allclose(cka_matrix([x + offset for x in noise], kernel, sigma), plain, atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize(

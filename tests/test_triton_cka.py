@@ -22,10 +22,24 @@ if triton_cka.unavailable_reason("cuda" if torch.cuda.is_available() else "cpu")
     pytest.skip("the Triton backend cannot run here", allow_module_level=True)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _uncentred(function):
+    """The variant with zero centres: these tests check the kernels' arithmetic on the given values
+    (zero-mean data, so nothing is lost), the oracle sees exactly what the tensor cores multiply;
+    test_similarity_offsets.py checks the centring on data with offsets."""
+
+    def call(rows, cols, **kwargs):
+        kwargs.setdefault("centers", [torch.zeros(x.shape[1], device=x.device) for x in rows])
+        return function(rows, cols, **kwargs)
+
+    return call
+
+
 VARIANTS = {
-    "band": triton_cka.band_kernel_sums,
-    "all_pairs": triton_cka.all_pairs_kernel_sums,
-    "auto": triton_cka.kernel_sums,
+    "band": _uncentred(triton_cka.band_kernel_sums),
+    "all_pairs": _uncentred(triton_cka.all_pairs_kernel_sums),
+    "auto": _uncentred(triton_cka.kernel_sums),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -47,6 +61,7 @@ def _assert_matches_oracle(got, rows, cols, kernel, gammas, pairs, rtol=2e-5):
         kernel=kernel,
         gammas=gammas,
         pairs=pairs,
+        centers=[torch.zeros(r.shape[1]) for r in rows],
     )
     for name, g, w in zip(("frob", "row_sums", "col_sums"), got, want, strict=True):
         assert g.dtype == torch.float64, name
@@ -106,14 +121,14 @@ def test_many_layers_all_pairs_block():
     widths = [16 + (a % 3) for a in range(n_layers)]
     rows = _layers(20, widths, torch.float16, seed=7)
     pairs = torch.tensor([[a, b] for a in range(n_layers) for b in {a, n_layers - 1 - a, 0}])
-    got = triton_cka.all_pairs_kernel_sums(rows, None, kernel="linear", gammas=None, pairs=pairs)
+    got = VARIANTS["all_pairs"](rows, None, kernel="linear", gammas=None, pairs=pairs)
     _assert_matches_oracle(got, rows, None, "linear", None, pairs)
 
 
 def test_single_layer_no_pairs_and_no_tokens():
     rows = _layers(9, [16], torch.float32, seed=8)
     no_pairs = torch.zeros(0, 2, dtype=torch.int64)
-    got = triton_cka.kernel_sums(rows, None, kernel="linear", gammas=None, pairs=no_pairs)
+    got = VARIANTS["auto"](rows, None, kernel="linear", gammas=None, pairs=no_pairs)
     _assert_matches_oracle(got, rows, None, "linear", None, no_pairs)
     empty = triton_cka.kernel_sums(
         _layers(0, [16, 8], torch.float32, seed=9), None, kernel="rbf", gammas=[1.0, 1.0], pairs=torch.tensor([[0, 1]])
@@ -197,28 +212,42 @@ def test_input_errors(change, message):
         triton_cka.kernel_sums(rows, cols, **args)
 
 
-# Compiles the kernels for Hopper (sm_90) to cubin with Triton's own ptxas, no GPU needed: catches what
-# the interpreter accepts but the compiler does not. Runs in a child process because the interpreter
-# flag must be unset before triton is imported. Pointers, strides and widths are declared 16-aligned
-# as Triton specialises them for aligned tensors (the case that pipelines with wgmma); one case is not.
+# Compiles every autotuned configuration of every launch kind ahead of time for Ampere (sm_80) and
+# Hopper (sm_90a) with Triton's own ptxas, no GPU needed, and fails on register spills (ptxas -v):
+# catches what the interpreter accepts but the compiler does not, and configurations the autotuner
+# could pick that would spill. Runs in child processes because the interpreter flag must be unset
+# before triton is imported. Pointers, strides and widths are declared 16-aligned, as the backend's
+# centred copies are (widths padded to 16).
 _AOT_SCRIPT = """
-import sys
+import os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from slm_fast.kernels import triton_cka as T
 
-def compile_kernel(fn, types, constexprs, aligned, num_warps, num_stages):
+arch = int(sys.argv[1])
+
+def compile_kernel(fn, types, constexprs, num_warps, num_stages):
     names = fn.arg_names
     signature = {n: types(n) for n in names} | {n: "constexpr" for n in constexprs}
-    attrs = {}
-    if aligned:
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-                 if n.endswith("_ptr") or n.startswith("stride") or n in ("d_a", "d_b")}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n.endswith("_ptr") or n.startswith("stride") or n in ("d_a", "d_b")}
     source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                        attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+def spilled_bytes(compiled):
+    with tempfile.TemporaryDirectory() as folder:
+        ptx = os.path.join(folder, "kernel.ptx")
+        with open(ptx, "w") as handle:
+            handle.write(compiled.asm["ptx"])
+        gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
+        run = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", ptx, "-o", ptx + ".o"],
+                             capture_output=True, text=True, check=True)
+    log = run.stdout + run.stderr
+    return sum(int(b) for b in re.findall(r"(\\d+) bytes spill (?:stores|loads)", log)), log
 
 def tile_types(dtype):
     def types(name):
@@ -233,32 +262,39 @@ def tile_types(dtype):
         return "i64" if name.startswith("stride") else "i32"
     return types
 
-cases = [  # dtype, rbf, symmetric, two layers, stage, block, input precision, aligned, config
-    ("bf16", True, True, True, False, 128, None, True, 4),
-    ("fp16", False, False, True, False, 128, None, True, 0),
-    ("bf16", True, False, False, True, 128, None, True, 0),
-    ("fp32", True, True, False, False, 64, "ieee", False, 2),
-    ("fp32", False, True, True, False, 64, "tf32", True, 1),
-]
-for dtype, rbf, symmetric, two, stage, block, precision, aligned, config in cases:
-    cfg = T._GPU_TILE_CONFIGS[config]
-    constexprs = dict(RBF=rbf, SYMMETRIC=symmetric, TWO_LAYERS=two, SUMS_A=True, SUMS_B=two, FROB=not stage,
-                      STAGE=stage, BLOCK=block, INPUT_PRECISION=precision, UPCAST=False, **cfg.kwargs)
-    compile_kernel(T._tile_pairs_kernel, tile_types(dtype), constexprs, aligned, cfg.num_warps, cfg.num_stages)
+# The launch kinds: all-pairs (one layer, staged), band items of two layers and of one layer; bf16 RBF
+# symmetric is the heaviest of each (linear and rectangular tiles hold fewer values); fp32 (64-token tiles,
+# its own configurations) with ieee and tf32 dots, one layer and two.
+cases = [(c, "bf16", False, True, None, T.DEFAULT_BLOCK_GPU) for c in T.ONE_LAYER_CONFIGS]
+cases += [(c, "bf16", True, False, None, T.BAND_BLOCK_GPU) for c in T.TWO_LAYER_CONFIGS]
+cases += [(T.ONE_LAYER_CONFIGS[0], "bf16", False, False, None, T.DEFAULT_BLOCK_GPU)]
+cases += [(c, "fp32", two, not two, precision, T.FP32_BLOCK_GPU)
+          for c in T.FP32_CONFIGS for two in (False, True) for precision in ("ieee", "tf32")]
+compiled = 0
+for config, dtype, two, stage, precision, block in cases:
+    constexprs = dict(RBF=True, SYMMETRIC=True, TWO_LAYERS=two, SUMS_A=True, SUMS_B=two, FROB=not stage,
+                      STAGE=stage, BLOCK=block, INPUT_PRECISION=precision, UPCAST=False, **config.kwargs)
+    kernel = compile_kernel(T._tile_pairs_kernel, tile_types(dtype), constexprs, config.num_warps, config.num_stages)
+    spilled, log = spilled_bytes(kernel)
+    assert spilled == 0, f"sm_{arch} {dtype} two_layers={two} stage={stage} {config}: {spilled} bytes spilled\\n{log}"
+    compiled += 1
 frob_types = lambda n: {"n_layers": "i32"}.get(n, "*i32" if n.startswith("tile_") else "*fp32")
 options = T._staged_frob_options(80)
-compile_kernel(T._staged_frob_kernel, frob_types, dict(TILE_ELEMS=128 * 128, SYMMETRIC=True, **options), True, 4, 3)
-print("compiled", len(cases) + 1)
+kernel = compile_kernel(T._staged_frob_kernel, frob_types, dict(TILE_ELEMS=128 * 128, SYMMETRIC=True, **options), 4, 3)
+assert spilled_bytes(kernel)[0] == 0
+print("compiled without spills", compiled + 1)
 """
 
 
 @pytest.mark.skipif(
     importlib.util.find_spec("triton.backends.nvidia") is None, reason="this Triton has no NVIDIA backend"
 )
-def test_kernels_compile_for_hopper():
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_without_spills(arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run(
-        [sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600, check=False
-    )
+    command = [sys.executable, "-c", _AOT_SCRIPT, str(arch)]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.strip().endswith("compiled 6")
+    configs = triton_cka.ONE_LAYER_CONFIGS + triton_cka.TWO_LAYER_CONFIGS + 4 * triton_cka.FP32_CONFIGS
+    expected = len(configs) + 2  # and bf16 band items of one layer, and the staged Frobenius kernel
+    assert run.stdout.strip().endswith(f"compiled without spills {expected}")

@@ -1,13 +1,20 @@
-"""Similarity kernels: every backend computes the same kernel sums; the estimators live in similarity.py.
+"""Similarity kernels: every backend computes the same kernel sums; the estimators live in similarity/.
 
 The contract (one function per backend module, `kernel_sums`): given the activations of L layers on
-a block of m "row" tokens and a block of k "column" tokens, return the reductions of the L kernel
-matrices K_a[i, j] = k_a(rows_a[i], cols_a[j]) that every HSIC/CKA estimator needs, without
-materialising the full n x n matrices:
+a block of m "row" tokens and a block of k "column" tokens, and one centre c_a per layer, return the
+reductions of the L kernel matrices K_a[i, j] = k_a(rows_a[i] - c_a, cols_a[j] - c_a) that every
+HSIC/CKA estimator needs, without materialising the full n x n matrices:
 
     frob[p]        = sum_ij K_a[i, j] * K_b[i, j]      for each requested pair p = (a, b)
     row_sums[a, i] = sum_j K_a[i, j]
     col_sums[a, j] = sum_i K_a[i, j]
+
+Centring is part of the contract because precision depends on it: real residual streams carry shared
+offsets and a few "massive" channels, and |x|^2 + |y|^2 - 2 x.y of uncentred rows loses every digit of
+the distances in float32. Every backend subtracts c_a in float32 (float64 for float64 inputs) before
+any product and before any cast to bf16/fp16, and computes RBF distances from the centred rows. HSIC
+and CKA are invariant to a shared translation of a layer (RBF: exactly; linear: through the centring
+H K H), so any c_a near the layer's token mean gives the same estimates; `layer_centers` is the default.
 
 `cols=None` means the symmetric case cols = rows: backends then visit only tiles J >= I (off-diagonal
 tiles count twice) and col_sums equals row_sums. Kernels: "linear" k(x, y) = x.y and "rbf"
@@ -16,10 +23,11 @@ fp32, bf16 or fp16 and may differ in width d per layer; all three outputs are fl
 inputs' device. Diagonal terms are included: estimators that need a zero diagonal subtract them.
 
 Each backend module exposes:
-    kernel_sums(rows, cols, *, kernel, gammas, pairs, block_size=None) -> KernelSums
+    kernel_sums(rows, cols, *, kernel, gammas, pairs, centers=None, block_size=None) -> KernelSums
         rows: sequence of L tensors [m, d_a]; cols: sequence of L tensors [k, d_a] or None;
         kernel: "linear" | "rbf"; gammas: L floats for "rbf", None for "linear";
-        pairs: int64 tensor [P, 2] of layer indices (a, b); block_size: token tile, None = backend's choice.
+        pairs: int64 tensor [P, 2] of layer indices (a, b); centers: L tensors [d_a] (None: the token
+        mean of rows and cols, `layer_centers`); block_size: token tile, None = backend's choice.
     unavailable_reason(device) -> str | None
         None when the backend can run on `device`, else a sentence saying why not.
 """
@@ -54,6 +62,7 @@ class ContractInputs(NamedTuple):
     symmetric: bool
     gammas: list[float] | None  # None for the linear kernel
     pairs: list[tuple[int, int]]
+    centers: list[Tensor]  # [d_a] per layer, float32 (float64 when an input is float64), on the inputs' device
 
 
 def check_inputs(
@@ -62,6 +71,7 @@ def check_inputs(
     kernel: str,
     gammas: Sequence[float] | None,
     pairs: Tensor,
+    centers: Sequence[Tensor] | None = None,
     *,
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16, torch.float64),
 ) -> ContractInputs:
@@ -100,7 +110,53 @@ def check_inputs(
     pair_list = [(int(a), int(b)) for a, b in pairs.reshape(-1, 2).tolist()]
     if any(not (0 <= a < len(rows) and 0 <= b < len(rows)) for a, b in pair_list):
         raise InputError(f"pairs must index layers 0..{len(rows) - 1}, got {pair_list}")
-    return ContractInputs(rows, cols, symmetric, gammas, pair_list)
+    dtype = center_dtype([*rows, *cols])
+    if centers is None:
+        centers = layer_centers(rows, None if symmetric else cols)
+    else:
+        centers = list(centers)
+        if len(centers) != len(rows):
+            raise InputError(f"centers hold {len(centers)} vectors for {len(rows)} layers")
+        for a, c in enumerate(centers):
+            if c.shape != (rows[a].shape[1],) or not c.is_floating_point():
+                raise InputError(f"centers[{a}] is {tuple(c.shape)} {c.dtype}; expected a float [{rows[a].shape[1]}]")
+    centers = [c.to(rows[0].device, dtype) for c in centers]
+    return ContractInputs(rows, cols, symmetric, gammas, pair_list, centers)
+
+
+def center_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """float64 when any input is float64, else float32: the precision in which layers are centred."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def layer_centers(rows: Sequence[Tensor], cols: Sequence[Tensor] | None = None, chunk: int = 4096) -> list[Tensor]:
+    """Token mean of each layer over rows (and cols), returned in `center_dtype`: chunk sums in the
+    chunk's precision (float32 at least; torch sums pairwise), accumulated in float64. Any centre near
+    the mean serves (see the module docstring), and a float64 sum of float32 data would cost far more."""
+    sides = [list(rows)] if cols is None else [list(rows), list(cols)]
+    dtype = center_dtype([t for side in sides for t in side])
+    centers = []
+    for a in range(len(rows)):
+        total = torch.zeros(rows[a].shape[1], dtype=torch.float64, device=rows[a].device)
+        count = 0
+        for side in sides:
+            x = side[a]
+            for s in range(0, x.shape[0], chunk):
+                part = x[s : s + chunk]
+                total += part.sum(0, dtype=torch.promote_types(part.dtype, torch.float32)).double()
+            count += x.shape[0]
+        centers.append((total / max(count, 1)).to(dtype))
+    return centers
+
+
+def centred_copy(x: Tensor, center: Tensor, dtype: torch.dtype, width: int | None = None, chunk: int = 4096) -> Tensor:
+    """(x - center) computed in center's precision, then cast to `dtype`, as a new [n, width] tensor
+    (zero columns pad d up to `width`); a chunk of rows at a time, so the float32 temporary stays small."""
+    n, d = x.shape
+    out = torch.zeros(n, width or d, dtype=dtype, device=x.device)
+    for s in range(0, n, chunk):
+        out[s : s + chunk, :d] = (x[s : s + chunk].to(center.dtype) - center).to(dtype)
+    return out
 
 
 BACKEND_MODULES = {
@@ -109,10 +165,10 @@ BACKEND_MODULES = {
     "cuda": "slm_fast.kernels.cuda",
 }
 # Preference order of "auto" on a CUDA device; on the CPU "auto" is always the tiled torch backend
-# (Triton runs on the CPU only through its interpreter, which is for tests). The CUDA extension is
-# left out of "auto" until it has been validated and timed on a GPU (no GPU was available while it
-# was written): name backend="cuda" to use it.
-AUTO_ORDER_CUDA = ("triton", "tiled")
+# (Triton runs on the CPU only through its interpreter, which is for tests). The Triton and CUDA
+# backends are left out of "auto" until their GPU tests at real sizes (tests marked `gpu`) have passed
+# on a GPU, which no run has done yet: name backend="triton" or "cuda" to use them.
+AUTO_ORDER_CUDA = ("tiled",)
 
 
 def load_backend(name: str, device: torch.device | str) -> ModuleType:

@@ -2,18 +2,20 @@
 optional extension `slm_fast._cuda` built from csrc/ by setup.py where torch has CUDA and nvcc is
 found. The kernels, the launch planning and the float64 reductions live in csrc/ (see
 csrc/cka_binding.cpp); they follow the same design as the Triton backend (triton_cka.py) with a
-fixed 64-token tile.
+fixed 64-token tile. Inputs are centred here (the contract's centre subtracted in float32, then cast
+back to the inputs' dtype, widths zero-padded to a multiple of 16) before the extension sees them.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from slm_fast.errors import InputError
-from slm_fast.kernels import KernelSums
+from slm_fast.kernels import KernelSums, centred_copy, check_inputs
 
 try:
     from slm_fast import _cuda
@@ -26,6 +28,9 @@ else:
 # The extension's token tile; the only block_size it takes.
 BLOCK = 64 if _cuda is None else _cuda.BLOCK
 _VARIANTS = {"cheaper": 0, "band": 1, "all_pairs": 2}
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Centred copies are zero-padded to this width multiple, so that the extension's 16-byte loads apply.
+WIDTH_ALIGN = 16
 
 
 def unavailable_reason(device: torch.device | str) -> str | None:
@@ -60,6 +65,7 @@ def _run(
     kernel: str,
     gammas: Sequence[float] | None,
     pairs: Tensor,
+    centers: Sequence[Tensor] | None,
     block_size: int | None,
 ) -> KernelSums:
     if kernel not in ("linear", "rbf"):
@@ -72,10 +78,16 @@ def _run(
     reason = unavailable_reason(device)
     if reason is not None:
         raise InputError(f"backend 'cuda' cannot run on {device}: {reason}")
+    inputs = check_inputs(rows, cols, kernel, gammas, pairs, centers, dtypes=SUPPORTED_DTYPES)
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in inputs.rows + inputs.cols))
+    width = [-(-x.shape[1] // WIDTH_ALIGN) * WIDTH_ALIGN for x in inputs.rows]
+    rows = [centred_copy(x, c, dtype, w) for x, c, w in zip(inputs.rows, inputs.centers, width, strict=True)]
+    if cols is not None:
+        cols = [centred_copy(x, c, dtype, w) for x, c, w in zip(inputs.cols, inputs.centers, width, strict=True)]
     try:
         frob, row_sums, col_sums = _cuda.kernel_sums(
-            list(rows),
-            [] if cols is None else list(cols),
+            rows,
+            [] if cols is None else cols,
             kernel == "rbf",
             [] if gammas is None else [float(g) for g in gammas],
             pairs,
@@ -94,10 +106,11 @@ def kernel_sums(
     kernel: str,
     gammas: Sequence[float] | None,
     pairs: Tensor,
+    centers: Sequence[Tensor] | None = None,
     block_size: int | None = None,
 ) -> KernelSums:
     """The backend contract, by the variant computing fewer Gram tiles (band or all pairs)."""
-    return _run("cheaper", rows, cols, kernel, gammas, pairs, block_size)
+    return _run("cheaper", rows, cols, kernel, gammas, pairs, centers, block_size)
 
 
 def band_kernel_sums(
@@ -107,10 +120,11 @@ def band_kernel_sums(
     kernel: str,
     gammas: Sequence[float] | None,
     pairs: Tensor,
+    centers: Sequence[Tensor] | None = None,
     block_size: int | None = None,
 ) -> KernelSums:
     """kernel_sums by the band variant: one launch per cross pair, both tiles in shared memory."""
-    return _run("band", rows, cols, kernel, gammas, pairs, block_size)
+    return _run("band", rows, cols, kernel, gammas, pairs, centers, block_size)
 
 
 def all_pairs_kernel_sums(
@@ -120,7 +134,8 @@ def all_pairs_kernel_sums(
     kernel: str,
     gammas: Sequence[float] | None,
     pairs: Tensor,
+    centers: Sequence[Tensor] | None = None,
     block_size: int | None = None,
 ) -> KernelSums:
     """kernel_sums by the all-pairs variant: staged float64 tiles, one batched L x L matmul."""
-    return _run("all_pairs", rows, cols, kernel, gammas, pairs, block_size)
+    return _run("all_pairs", rows, cols, kernel, gammas, pairs, centers, block_size)

@@ -1,25 +1,26 @@
 """Tiled torch backend of the kernel-sums contract (see slm_fast/kernels/__init__.py): CPU and CUDA,
 memory O(n) beyond the inputs.
 
-Token form (both kernels). One pass over token tiles (I, J), J >= I in the symmetric case. For each
-tile and layer one GEMM yields the kernel tile; for RBF the GEMM yields the exponent
--gamma |x - y|^2 directly through two augmented columns, followed by one exp. The L tiles of one
-(I, J) are staged side by side and every Frobenius product comes from one batched GEMM of the stage
-with itself (each partial dot product spans FROB_SEGMENT elements, then float64).
+Token form (both kernels). The column tokens are visited in panels; each panel is centred once for
+every layer (x~ = x - c_a, float32) into GEMM-ready operands. Then, per row slab I of t tokens:
+- the slab's operands are prepared for every layer (centred; for RBF scaled and augmented by two
+  columns, so that one GEMM yields the exponent log2(e) * -gamma |x~ - y~|^2 directly);
+- for each column chunk J of t tokens (only J >= I in the symmetric case; the diagonal block I = J
+  is computed whole), the L kernel tiles are GEMMs written side by side into a layer-major stage
+  [L, t, t] that stays in cache, followed by an epilogue over the whole stage: exp2 (RBF), the
+  offset c subtracted, row sums and column sums;
+- all L x L Frobenius products of the chunk come from one more GEMM of the stage with itself (each
+  float32 partial dot product spans FROB_SEGMENT elements, then float64).
+The GEMMs are the only O(t^2 d) work; the epilogue is a few passes over a cached stage.
 
 Feature form (linear kernel), used when cheaper (many tokens, small d, few pairs):
-sum_ij (x_ai.y_aj)(x_bi.y_bj) = <X_a^T X_b, Y_a^T Y_b>_F, streamed over token chunks into float64
-d_a x d_b accumulators.
+sum_ij (x~_ai.y~_aj)(x~_bi.y~_bj) = <X~_a^T X~_b, Y~_a^T Y~_b>_F, streamed over token chunks into
+float64 d_a x d_b accumulators.
 
-Numerics. Products are float32 (float64 when an input is float64) and reduced into float64. Two exact
-rewrites keep the float32 quantities small, so that the large cancellations of HSIC centering happen in
-float64 later:
-- each layer is shifted by its token mean mu before any product. RBF is translation invariant; for the
-  linear kernel x.y = x~.y~ + x~.mu + mu.y~ + mu.mu and the last three terms are added back in float64;
-- RBF tiles are staged as K - c, with c the mean kernel value of the first tile, and c is added back
-  in float64.
-So both forms reduce a "deviation" matrix D, and `_add_structure` returns the sums of
-K = D + u 1^T + 1 v^T + c.
+Numerics. Products are float32 (float64 when an input is float64) and reduced into float64. Centring
+in float32 before any product keeps the float32 quantities small whatever the layer's offset. RBF
+tiles are moreover staged as K - c, with c the mean kernel value of the first chunk, and c is added
+back in float64 (`_add_offsets`), so that the large cancellations of HSIC centring happen in float64.
 """
 
 from __future__ import annotations
@@ -34,21 +35,25 @@ from torch import Tensor
 
 from slm_fast.kernels import KernelSums, check_inputs
 
-# Largest token tile per device type; the workspace budget may choose a smaller one.
-MAX_TILE = {"cpu": 1024, "cuda": 4096}
-WORKSPACE_BYTES = {"cpu": 512 * 2**20, "cuda": 2 * 2**30}
+# Largest token tile per device type, and the bytes of the stage of L tiles [L, t, t]. On the CPU the
+# stage should stay in the last-level cache (the epilogue makes a few passes over it) while the tiles
+# stay large enough for the GEMMs to run at full rate: measured on a 2-core EPYC, t = 384-512 at L = 8
+# reaches 0.84x (d = 576) and 0.91x (d = 4096) of the same-shape GEMM rate, t = 256 0.79x and 0.87x.
+MAX_TILE = {"cpu": 512, "cuda": 4096}
+STAGE_BYTES = {"cpu": 8 * 2**20, "cuda": 2 * 2**30}
+# Bytes of the centred operands of one panel of column tokens (all layers).
+PANEL_BYTES = {"cpu": 256 * 2**20, "cuda": 4 * 2**30}
 TILE_ALIGN = 32
-# Rows of a kernel tile computed and exponentiated at a time, so that each piece stays in cache.
-EPILOGUE_ROWS = 256
 # Elements per partial dot product of the staged Frobenius GEMM before the float64 reduction.
 FROB_SEGMENT = 8192
-# Tokens per chunk of the passes that stream over tokens (means, norms, feature-form products).
+# Tokens per chunk of the passes that stream over tokens (feature-form products).
 CHUNK_TOKENS = 4096
 # Cost of the RBF epilogue (exp, offset, row and column sums) per kernel entry, in GEMM-flop units;
 # used only to choose between the token and feature forms of the linear kernel.
 EPILOGUE_FLOPS = 16
 # Mean RBF kernel value above which float32 tiles keep too few digits of the kernel's variation.
 FLAT_KERNEL_MEAN = 0.99
+LOG2_E = 1.0 / math.log(2.0)
 
 
 def unavailable_reason(device: torch.device | str) -> str | None:
@@ -60,15 +65,34 @@ def unavailable_reason(device: torch.device | str) -> str | None:
     return f"the tiled backend needs float64 accumulators, which it supports on cpu and cuda only, not {device.type}"
 
 
-def choose_block_size(num_layers: int, widths: Sequence[int], device: torch.device, element_bytes: int = 4) -> int:
-    """Token tile t such that the workspace (L staged t x t tiles, one prepared row tile per layer and
-    one column tile) fits WORKSPACE_BYTES[device], capped at MAX_TILE[device]."""
-    budget = WORKSPACE_BYTES.get(device.type, WORKSPACE_BYTES["cpu"]) // element_bytes
-    per_token = sum(widths) + 2 * num_layers + max(widths) + 2
-    # num_layers t^2 + per_token t <= budget
-    t = (-per_token + math.sqrt(per_token**2 + 4 * num_layers * budget)) / (2 * num_layers)
-    t = int(t) // TILE_ALIGN * TILE_ALIGN
+def choose_block_size(num_layers: int, device: torch.device, element_bytes: int = 4) -> int:
+    """Token tile t such that the stage of num_layers t x t tiles fits STAGE_BYTES[device], capped at
+    MAX_TILE[device] and aligned to TILE_ALIGN."""
+    budget = STAGE_BYTES.get(device.type, STAGE_BYTES["cpu"]) // element_bytes
+    t = int(math.sqrt(budget / num_layers)) // TILE_ALIGN * TILE_ALIGN
     return max(TILE_ALIGN, min(MAX_TILE.get(device.type, MAX_TILE["cpu"]), t))
+
+
+def default_tile(num_layers: int, m: int, symmetric: bool, device: torch.device, element_bytes: int = 4) -> int:
+    """The token tile kernel_sums uses when block_size is None. In the symmetric case diagonal blocks
+    are computed whole: the tile is kept under m / 8, so that this waste stays under 1/8 of the work."""
+    tile = choose_block_size(num_layers, device, element_bytes)
+    if symmetric:
+        tile = max(TILE_ALIGN, min(tile, m // 8 // TILE_ALIGN * TILE_ALIGN))
+    return tile
+
+
+def symmetric_entries(m: int, tile: int) -> int:
+    """Kernel entries the symmetric token form computes per layer: for each row slab I, the columns
+    j >= start of I (its diagonal block whole). The Gram flops performed are 2 d of them each."""
+    return sum((min(i0 + tile, m) - i0) * (m - i0) for i0 in range(0, m, tile))
+
+
+def panel_tokens(widths: Sequence[int], tile: int, device: torch.device, element_bytes: int = 4) -> int:
+    """Column tokens per panel: a multiple of the tile whose centred operands fit PANEL_BYTES[device]."""
+    per_token = (sum(widths) + 2 * len(widths)) * element_bytes
+    budget = PANEL_BYTES.get(device.type, PANEL_BYTES["cpu"])
+    return max(tile, budget // per_token // tile * tile)
 
 
 @dataclass(frozen=True)
@@ -79,6 +103,7 @@ class _Problem:
     kernel: str
     gammas: list[float] | None
     pairs: Tensor  # [P, 2] int64 on the CPU
+    centers: list[Tensor]  # [d_a] in the compute dtype
     dtype: torch.dtype  # compute dtype of the tiles
     device: torch.device
 
@@ -98,23 +123,9 @@ class _Problem:
     def widths(self) -> list[int]:
         return [x.shape[1] for x in self.rows]
 
-
-@dataclass
-class _Side:
-    """Per-layer float64 facts about the rows or the columns: u_i = x~_i . mu (linear), -gamma |x~_i|^2
-    (rbf, compute dtype) and sum_i x~_i (linear)."""
-
-    u: list[Tensor] | None
-    neg_gamma_norms: list[Tensor] | None
-    sums: list[Tensor] | None
-
-
-@dataclass
-class _DeviationSums:
-    frob: Tensor  # [P] float64, sum of D_a * D_b for each pair
-    row: Tensor  # [L, m] float64, D_a 1
-    col: Tensor  # [L, k] float64, D_a^T 1 (the same tensor as `row` in the symmetric case)
-    offsets: Tensor  # [L] float64, the constant c added back (0 for the linear kernel)
+    @property
+    def rbf(self) -> bool:
+        return self.kernel == "rbf"
 
 
 def kernel_sums(
@@ -124,9 +135,10 @@ def kernel_sums(
     kernel: str,
     gammas: Sequence[float] | None,
     pairs: Tensor,
+    centers: Sequence[Tensor] | None = None,
     block_size: int | None = None,
 ) -> KernelSums:
-    problem = _check(rows, cols, kernel, gammas, pairs)
+    problem = _check(rows, cols, kernel, gammas, pairs, centers)
     if problem.m == 0 or problem.k == 0:
         zeros = torch.zeros
         return KernelSums(
@@ -134,22 +146,11 @@ def kernel_sums(
             row_sums=zeros(problem.num_layers, problem.m, dtype=torch.float64, device=problem.device),
             col_sums=zeros(problem.num_layers, problem.k, dtype=torch.float64, device=problem.device),
         )
-    means = _layer_means(problem)
-    row_side = _side_facts(problem, problem.rows, means)
-    col_side = row_side if problem.symmetric else _side_facts(problem, problem.cols, means)
-    if problem.kernel == "linear" and _feature_form_is_cheaper(problem):
-        dev = _feature_form(problem, means, row_side, col_side)
-    else:
-        element_bytes = torch.finfo(problem.dtype).bits // 8
-        tile = block_size or choose_block_size(problem.num_layers, problem.widths, problem.device, element_bytes)
-        if problem.symmetric and not block_size:
-            # Diagonal tiles are computed whole: keep that waste (t / n of the work) under 1/8.
-            tile = max(TILE_ALIGN, min(tile, problem.m // 8 // TILE_ALIGN * TILE_ALIGN))
-        dev = _token_form(problem, means, row_side, col_side, tile)
-    if problem.kernel == "linear":
-        offsets = torch.stack([(mu.double() * mu.double()).sum() for mu in means])
-        return _add_structure(problem, dev, row_side.u, col_side.u, offsets)
-    return _add_structure(problem, dev, None, None, dev.offsets)
+    if not problem.rbf and _feature_form_is_cheaper(problem):
+        return _feature_form(problem)
+    element_bytes = torch.finfo(problem.dtype).bits // 8
+    tile = block_size or default_tile(problem.num_layers, problem.m, problem.symmetric, problem.device, element_bytes)
+    return _token_form(problem, tile, panel_tokens(problem.widths, tile, problem.device, element_bytes))
 
 
 def _check(
@@ -158,70 +159,25 @@ def _check(
     kernel: str,
     gammas: Sequence[float] | None,
     pairs: Tensor,
+    centers: Sequence[Tensor] | None,
 ) -> _Problem:
-    rows, cols_list, symmetric, gammas, pair_list = check_inputs(rows, cols, kernel, gammas, pairs)
-    pairs = torch.tensor(pair_list, dtype=torch.int64).reshape(-1, 2)
-    wide = any(x.dtype == torch.float64 for x in [*rows, *cols_list])
+    inputs = check_inputs(rows, cols, kernel, gammas, pairs, centers)
     return _Problem(
-        rows=rows,
-        cols=cols_list,
-        symmetric=symmetric,
+        rows=inputs.rows,
+        cols=inputs.cols,
+        symmetric=inputs.symmetric,
         kernel=kernel,
-        gammas=gammas,
-        pairs=pairs,
-        dtype=torch.float64 if wide else torch.float32,
-        device=rows[0].device,
+        gammas=inputs.gammas,
+        pairs=torch.tensor(inputs.pairs, dtype=torch.int64).reshape(-1, 2),
+        centers=inputs.centers,
+        dtype=inputs.centers[0].dtype,
+        device=inputs.rows[0].device,
     )
 
 
 def _chunks(n: int, size: int = CHUNK_TOKENS) -> Iterator[tuple[int, int]]:
     for start in range(0, n, size):
         yield start, min(start + size, n)
-
-
-def _layer_means(problem: _Problem) -> list[Tensor]:
-    """Token mean of each layer over rows and cols, rounded to the compute dtype (any shift is exact
-    algebra; it only has to be near the mean)."""
-    means = []
-    for a in range(problem.num_layers):
-        sides = [problem.rows[a]] if problem.symmetric else [problem.rows[a], problem.cols[a]]
-        total = torch.zeros(problem.widths[a], dtype=torch.float64, device=problem.device)
-        count = 0
-        for x in sides:
-            for s, e in _chunks(x.shape[0]):
-                total += x[s:e].to(problem.dtype).sum(0).double()
-            count += x.shape[0]
-        means.append((total / count).to(problem.dtype))
-    return means
-
-
-def _shifted(x: Tensor, mu: Tensor, out: Tensor | None = None) -> Tensor:
-    """x - mu in mu's dtype (one pass, converting bf16/fp16 on the fly)."""
-    return torch.sub(x, mu, out=out) if out is not None else torch.sub(x.to(mu.dtype), mu)
-
-
-def _side_facts(problem: _Problem, side: Sequence[Tensor], means: list[Tensor]) -> _Side:
-    facts = _Side(u=None, neg_gamma_norms=None, sums=None)
-    if problem.kernel == "linear":
-        facts.u, facts.sums = [], []
-        for x, mu in zip(side, means, strict=True):
-            u = torch.empty(x.shape[0], dtype=torch.float64, device=problem.device)
-            total = torch.zeros(x.shape[1], dtype=torch.float64, device=problem.device)
-            for s, e in _chunks(x.shape[0]):
-                xs = _shifted(x[s:e], mu)
-                u[s:e] = (xs @ mu).double()
-                total += xs.sum(0).double()
-            facts.u.append(u)
-            facts.sums.append(total)
-    else:
-        assert problem.gammas is not None
-        facts.neg_gamma_norms = []
-        for x, mu, gamma in zip(side, means, problem.gammas, strict=True):
-            norms = torch.empty(x.shape[0], dtype=problem.dtype, device=problem.device)
-            for s, e in _chunks(x.shape[0]):
-                norms[s:e] = torch.linalg.vector_norm(_shifted(x[s:e], mu), dim=1).square_()
-            facts.neg_gamma_norms.append(norms.mul_(-gamma))
-    return facts
 
 
 def _feature_form_is_cheaper(problem: _Problem) -> bool:
@@ -236,99 +192,108 @@ def _feature_form_is_cheaper(problem: _Problem) -> bool:
     return feature_flops < token_flops
 
 
-def _token_form(problem: _Problem, means: list[Tensor], row_side: _Side, col_side: _Side, tile: int) -> _DeviationSums:
-    m, k, num_layers, dtype, device = problem.m, problem.k, problem.num_layers, problem.dtype, problem.device
-    rbf = problem.kernel == "rbf"
-    extra = 2 if rbf else 0
+# ---------------------------------------------------------------------------------------------------
+# Token form
+
+
+def _operand_buffers(problem: _Problem, tokens: int, order: list[int]) -> Tensor | list[Tensor]:
+    """One reusable buffer per layer (in slot order) for the GEMM operands of up to `tokens` tokens
+    (fresh allocations of this size would page-fault on every slab): one [L, tokens, K] tensor when
+    every layer has the same width, so that a batched GEMM takes all layers at once."""
+    extra = 2 if problem.rbf else 0
+    widths = [problem.widths[a] + extra for a in order]
+    if len(set(widths)) == 1:
+        return torch.empty(len(order), tokens, widths[0], dtype=problem.dtype, device=problem.device)
+    return [torch.empty(tokens, w, dtype=problem.dtype, device=problem.device) for w in widths]
+
+
+def _operand(problem: _Problem, x: Tensor, a: int, row_side: bool, buffer: Tensor) -> Tensor:
+    """GEMM operand of layer a for the tokens x, written into buffer[:len(x)]: x~ (linear); for RBF
+    [2 s x~, -s |x~|^2, 1] on the row side and [x~, 1, -s |x~|^2] on the column side, with
+    s = log2(e) gamma_a, so that row . col = log2(e) * -gamma_a |x~ - y~|^2."""
+    width = x.shape[1]
+    out = buffer[: x.shape[0]]
+    centred = torch.sub(x, problem.centers[a], out=out[:, :width])
+    if problem.rbf:
+        assert problem.gammas is not None
+        scale = LOG2_E * problem.gammas[a]
+        neg_norms = torch.linalg.vector_norm(centred, dim=1).square_().mul_(-scale)
+        norm_column, ones_column = (width, width + 1) if row_side else (width + 1, width)
+        out[:, norm_column] = neg_norms
+        out[:, ones_column] = 1
+        if row_side:
+            centred.mul_(2 * scale)
+    return out
+
+
+def _column_chunks(i0: int, i1: int, p0: int, p1: int, tile: int, symmetric: bool) -> Iterator[tuple[int, int, bool]]:
+    """(j0, j1, on_diagonal) of the column chunks of panel [p0, p1) paired with row slab [i0, i1):
+    in the symmetric case only columns j >= i0, the diagonal block [i0, i1) first."""
+    start = p0
+    if symmetric and i0 >= p0:
+        yield i0, i1, True
+        start = i1
+    for j0 in range(start, p1, tile):
+        yield j0, min(j0 + tile, p1), False
+
+
+def _token_form(problem: _Problem, tile: int, panel: int) -> KernelSums:
+    num_layers, dtype, device = problem.num_layers, problem.dtype, problem.device
     # Stage slots: the layers in pairs first, so that the Frobenius GEMM reads one contiguous block.
     involved = torch.unique(problem.pairs).tolist()
     order = involved + [a for a in range(num_layers) if a not in set(involved)]
     slot_of = {a: s for s, a in enumerate(order)}
-    tile_rows, tile_cols = min(tile, m), min(tile, k)
-    stage = torch.empty(num_layers * tile_rows * tile_cols, dtype=dtype, device=device)
-    row_tiles = [torch.empty(tile_rows, w + extra, dtype=dtype, device=device) for w in problem.widths]
-    col_buffer = torch.empty(tile_cols * (max(problem.widths) + extra), dtype=dtype, device=device)
-
+    stage_storage = torch.empty(num_layers * tile * tile, dtype=dtype, device=device)
+    # Row and column sums in slot order (plain slices of the stage's sums), reordered at the end.
+    row = torch.zeros(num_layers, problem.m, dtype=torch.float64, device=device)
+    col = row if problem.symmetric else torch.zeros(num_layers, problem.k, dtype=torch.float64, device=device)
     gram = torch.zeros(len(involved), len(involved), dtype=torch.float64, device=device)
-    row = torch.zeros(num_layers, m, dtype=torch.float64, device=device)
-    col = row if problem.symmetric else torch.zeros(num_layers, k, dtype=torch.float64, device=device)
-    offsets = torch.zeros(num_layers, dtype=dtype, device=device)  # RBF: the first tile's mean kernel value
+    offsets: Tensor | None = None  # RBF: the first chunk's mean kernel value per slot
 
-    for i0 in range(0, m, tile_rows):
-        i1 = min(i0 + tile_rows, m)
-        for a in range(num_layers):
-            _prepare_rows(problem, a, i0, i1, means[a], row_side, row_tiles[a])
-        for j0 in range(i0, m, tile_cols) if problem.symmetric else range(0, k, tile_cols):
-            j1 = min(j0 + tile_cols, k)
-            on_diagonal = problem.symmetric and j0 == i0
-            tiles = stage[: num_layers * (i1 - i0) * (j1 - j0)].view(num_layers, i1 - i0, j1 - j0)
-            # Each layer's tile gets its whole epilogue while it is still in cache.
-            for a in range(num_layers):
-                x = row_tiles[a][: i1 - i0]
-                if on_diagonal and not rbf:
-                    y = x
+    column_buffers = _operand_buffers(problem, min(panel, problem.k), order)
+    slab_buffers = _operand_buffers(problem, min(tile, problem.m), order)
+    for p0 in range(0, problem.k, panel):
+        p1 = min(p0 + panel, problem.k)
+        columns = [
+            _operand(problem, problem.cols[a][p0:p1], a, False, buffer)
+            for a, buffer in zip(order, column_buffers, strict=True)
+        ]
+        for i0 in range(0, min(problem.m, p1) if problem.symmetric else problem.m, tile):
+            i1 = min(i0 + tile, problem.m)
+            slab = [
+                _operand(problem, problem.rows[a][i0:i1], a, True, buffer)
+                for a, buffer in zip(order, slab_buffers, strict=True)
+            ]
+            for j0, j1, on_diagonal in _column_chunks(i0, i1, p0, p1, tile, problem.symmetric):
+                stage = stage_storage[: num_layers * (i1 - i0) * (j1 - j0)].view(num_layers, i1 - i0, j1 - j0)
+                if isinstance(slab_buffers, Tensor):  # one width: all L tiles by one batched GEMM
+                    pieces = column_buffers[:, j0 - p0 : j1 - p0].transpose(1, 2)
+                    torch.bmm(slab_buffers[:, : i1 - i0], pieces, out=stage)
                 else:
-                    y = col_buffer[: (j1 - j0) * x.shape[1]].view(j1 - j0, x.shape[1])
-                    _prepare_cols(problem, a, j0, j1, means[a], col_side, y)
-                out = tiles[slot_of[a]]
-                row_sums = row[a, i0:i1]
-                col_sums = None if on_diagonal else col[a, j0:j1]
-                first = rbf and i0 == 0 and j0 == 0  # the tile that fixes the RBF offset
-                for r0 in range(0, i1 - i0, EPILOGUE_ROWS):
-                    r1 = min(r0 + EPILOGUE_ROWS, i1 - i0)
-                    _kernel_rows(x[r0:r1], y, out[r0:r1], rbf, r0 if on_diagonal else None)
-                    if not first:
-                        _reduce(out[r0:r1], offsets[a] if rbf else None, row_sums[r0:r1], col_sums)
-                if first:
-                    offsets[a] = out.mean()
-                    _warn_if_flat(a, out, on_diagonal, dtype)
-                    _reduce(out, offsets[a], row_sums, col_sums)
-            weight = 2.0 if problem.symmetric and not on_diagonal else 1.0
-            gram += weight * _stage_gram(tiles[: len(involved)])
+                    for s in range(num_layers):
+                        torch.mm(slab[s], columns[s][j0 - p0 : j1 - p0].T, out=stage[s])
+                if problem.rbf:
+                    if on_diagonal:
+                        stage.diagonal(dim1=1, dim2=2).zero_()  # exact zero distance of a token to itself
+                    stage.exp2_()
+                    if offsets is None:
+                        offsets = stage.mean((1, 2))
+                        _warn_if_flat(order, stage, on_diagonal, dtype)
+                    stage.sub_(offsets[:, None, None])
+                row[:, i0:i1] += stage.sum(2)
+                if not on_diagonal:
+                    col[:, j0:j1] += stage.sum(1)
+                weight = 2.0 if problem.symmetric and not on_diagonal else 1.0
+                gram += weight * _stage_gram(stage[: len(involved)])
 
     slot_pairs = torch.tensor([[slot_of[a], slot_of[b]] for a, b in problem.pairs.tolist()], dtype=torch.int64)
     frob = gram[slot_pairs[:, 0], slot_pairs[:, 1]] if len(slot_pairs) else gram.new_zeros(0)
-    return _DeviationSums(frob=frob, row=row, col=col, offsets=offsets.double())
-
-
-def _kernel_rows(x: Tensor, y: Tensor, out: Tensor, rbf: bool, diagonal_offset: int | None) -> None:
-    """out = x y^T, then for RBF exp(.) with the tile's diagonal (if it crosses it) set to exactly 1."""
-    torch.mm(x, y.T, out=out)
-    if rbf:
-        if diagonal_offset is not None:
-            out.diagonal(diagonal_offset).zero_()  # exact zero distance of a token to itself
-        out.exp_()
-
-
-def _reduce(piece: Tensor, offset: Tensor | None, row_sums: Tensor, col_sums: Tensor | None) -> None:
-    """Subtract the RBF offset in place and add the piece's row (and column) sums to float64 slices."""
-    if offset is not None:
-        piece.sub_(offset)
-    row_sums += piece.sum(1)
-    if col_sums is not None:
-        col_sums += piece.sum(0)
-
-
-def _prepare_rows(problem: _Problem, a: int, i0: int, i1: int, mu: Tensor, side: _Side, out: Tensor) -> None:
-    """Row tile of layer a: x~ (linear) or [2 gamma x~, -gamma |x~|^2, 1] (rbf)."""
-    width = problem.widths[a]
-    out = out[: i1 - i0]
-    _shifted(problem.rows[a][i0:i1], mu, out=out[:, :width])
-    if problem.kernel == "rbf":
-        assert problem.gammas is not None and side.neg_gamma_norms is not None
-        out[:, :width].mul_(2 * problem.gammas[a])
-        out[:, width] = side.neg_gamma_norms[a][i0:i1]
-        out[:, width + 1] = 1
-
-
-def _prepare_cols(problem: _Problem, a: int, j0: int, j1: int, mu: Tensor, side: _Side, out: Tensor) -> None:
-    """Column tile of layer a: y~ (linear) or [y~, 1, -gamma |y~|^2] (rbf)."""
-    width = problem.widths[a]
-    _shifted(problem.cols[a][j0:j1], mu, out=out[:, :width])
-    if problem.kernel == "rbf":
-        assert side.neg_gamma_norms is not None
-        out[:, width] = 1
-        out[:, width + 1] = side.neg_gamma_norms[a][j0:j1]
+    slots = torch.tensor([slot_of[a] for a in range(num_layers)], device=device)
+    row = row[slots]
+    col = row.clone() if problem.symmetric else col[slots]
+    if offsets is None:
+        return KernelSums(frob=frob, row_sums=row, col_sums=col)
+    return _add_offsets(problem, frob, row, col, offsets.double()[slots])
 
 
 def _stage_gram(tiles: Tensor) -> Tensor:
@@ -337,60 +302,80 @@ def _stage_gram(tiles: Tensor) -> Tensor:
     slots = tiles.shape[0]
     flat = tiles.reshape(slots, -1)
     length = flat.shape[1]
+    if length <= FROB_SEGMENT:
+        return (flat @ flat.T).double()
     full = length // FROB_SEGMENT * FROB_SEGMENT
-    gram = torch.zeros(slots, slots, dtype=torch.float64, device=tiles.device)
-    if full:
-        segments = flat[:, :full].view(slots, -1, FROB_SEGMENT).transpose(0, 1)
-        gram += torch.bmm(segments, segments.transpose(1, 2)).double().sum(0)
+    segments = flat[:, :full].view(slots, -1, FROB_SEGMENT).transpose(0, 1)
+    gram = torch.bmm(segments, segments.transpose(1, 2)).double().sum(0)
     if full < length:
         rest = flat[:, full:]
         gram += (rest @ rest.T).double()
     return gram
 
 
-def _warn_if_flat(layer: int, tile: Tensor, on_diagonal: bool, dtype: torch.dtype) -> None:
-    """Warn when a float32 RBF tile is nearly all ones off its diagonal (judged on at least 64 entries)."""
-    diagonal = min(tile.shape) if on_diagonal else 0
-    entries = tile.numel() - diagonal
+def _warn_if_flat(order: list[int], stage: Tensor, on_diagonal: bool, dtype: torch.dtype) -> None:
+    """Warn when a float32 RBF chunk is nearly all ones off its diagonal (judged on at least 64 entries)."""
+    diagonal = min(stage.shape[1:]) if on_diagonal else 0
+    entries = stage[0].numel() - diagonal
     if dtype != torch.float32 or entries < 64:
         return
-    mean_kernel = (float(tile.sum()) - diagonal) / entries
-    if mean_kernel > FLAT_KERNEL_MEAN:
-        warnings.warn(
-            f"rbf kernel of layer {layer}: mean kernel value {mean_kernel:.6f} > {FLAT_KERNEL_MEAN} (sigma is "
-            "large against the token distances), so float32 tiles keep few digits of the kernel's variation; "
-            "pass float64 activations, or use the linear kernel, the limit of RBF as sigma -> infinity",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+    for slot, layer in enumerate(order):
+        mean_kernel = (float(stage[slot].sum()) - diagonal) / entries
+        if mean_kernel > FLAT_KERNEL_MEAN:
+            warnings.warn(
+                f"rbf kernel of layer {layer}: mean kernel value {mean_kernel:.6f} > {FLAT_KERNEL_MEAN} (sigma is "
+                "large against the token distances), so float32 tiles keep few digits of the kernel's variation; "
+                "pass float64 activations, or use the linear kernel, the limit of RBF as sigma -> infinity",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
 
-def _feature_form(problem: _Problem, means: list[Tensor], row_side: _Side, col_side: _Side) -> _DeviationSums:
+def _add_offsets(problem: _Problem, frob: Tensor, row: Tensor, col: Tensor, c: Tensor) -> KernelSums:
+    """Sums of K = D + c from those of the staged D = K - c, in float64."""
+    m, k = problem.m, problem.k
+    a, b = problem.pairs[:, 0].to(problem.device), problem.pairs[:, 1].to(problem.device)
+    totals = row.sum(1)  # 1^T D_a 1
+    frob = frob + c[b] * totals[a] + c[a] * totals[b] + m * k * c[a] * c[b]
+    row_sums = row + k * c[:, None]
+    col_sums = row_sums.clone() if problem.symmetric else col + m * c[:, None]
+    return KernelSums(frob=frob, row_sums=row_sums, col_sums=col_sums)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Feature form (linear kernel)
+
+
+def _feature_form(problem: _Problem) -> KernelSums:
     """Linear kernel through d_a x d_b accumulators. Pairs are processed in batches whose float64
-    accumulators fit the workspace budget; each batch is one pass over the tokens."""
-    assert row_side.sums is not None and col_side.sums is not None
+    accumulators fit the panel budget; each batch is one pass over the tokens."""
     device, widths = problem.device, problem.widths
-    budget = WORKSPACE_BYTES.get(device.type, WORKSPACE_BYTES["cpu"])
+    budget = PANEL_BYTES.get(device.type, PANEL_BYTES["cpu"])
     per_pair = [widths[a] * widths[b] * 8 * (1 if problem.symmetric else 2) for a, b in problem.pairs.tolist()]
     frob = torch.zeros(len(per_pair), dtype=torch.float64, device=device)
     batch: list[int] = []
     for p in range(len(per_pair) + 1):
         if p == len(per_pair) or (batch and sum(per_pair[q] for q in batch) + per_pair[p] > budget):
             if batch:
-                row_cross = _cross_products(problem, problem.rows, means, batch)
-                col_cross = row_cross if problem.symmetric else _cross_products(problem, problem.cols, means, batch)
+                row_cross = _cross_products(problem, problem.rows, batch)
+                col_cross = row_cross if problem.symmetric else _cross_products(problem, problem.cols, batch)
                 for q, a_b, c_d in zip(batch, row_cross, col_cross, strict=True):
                     frob[q] = (a_b * c_d).sum()
             batch = []
         if p < len(per_pair):
             batch.append(p)
-    row = _project(problem.rows, means, col_side.sums, problem)
-    col = row if problem.symmetric else _project(problem.cols, means, row_side.sums, problem)
-    offsets = torch.zeros(problem.num_layers, dtype=torch.float64, device=device)
-    return _DeviationSums(frob=frob, row=row, col=col, offsets=offsets)
+    row_totals = _centred_sums(problem, problem.rows)
+    col_totals = row_totals if problem.symmetric else _centred_sums(problem, problem.cols)
+    row = _project(problem, problem.rows, col_totals)
+    col = row.clone() if problem.symmetric else _project(problem, problem.cols, row_totals)
+    return KernelSums(frob=frob, row_sums=row, col_sums=col)
 
 
-def _cross_products(problem: _Problem, side: Sequence[Tensor], means: list[Tensor], batch: list[int]) -> list[Tensor]:
+def _centred(problem: _Problem, x: Tensor, a: int) -> Tensor:
+    return torch.sub(x.to(problem.dtype), problem.centers[a])
+
+
+def _cross_products(problem: _Problem, side: Sequence[Tensor], batch: list[int]) -> list[Tensor]:
     """X~_a^T X~_b in float64 for the pairs in `batch`, each chunk's product taken in the compute dtype."""
     pairs = [tuple(problem.pairs[q].tolist()) for q in batch]
     layers = sorted({a for pair in pairs for a in pair})
@@ -398,44 +383,27 @@ def _cross_products(problem: _Problem, side: Sequence[Tensor], means: list[Tenso
         torch.zeros(problem.widths[a], problem.widths[b], dtype=torch.float64, device=problem.device) for a, b in pairs
     ]
     for s, e in _chunks(side[0].shape[0]):
-        shifted = {a: _shifted(side[a][s:e], means[a]) for a in layers}
+        centred = {a: _centred(problem, side[a][s:e], a) for a in layers}
         for acc, (a, b) in zip(out, pairs, strict=True):
-            acc += (shifted[a].T @ shifted[b]).double()
+            acc += (centred[a].T @ centred[b]).double()
     return out
 
 
-def _project(side: Sequence[Tensor], means: list[Tensor], sums: list[Tensor], problem: _Problem) -> Tensor:
-    """[L, n] float64: x~_i . s_a for every token i of `side` (row sums of D = X~ Y~^T)."""
-    out = torch.empty(problem.num_layers, side[0].shape[0], dtype=torch.float64, device=problem.device)
-    for a, (x, mu, total) in enumerate(zip(side, means, sums, strict=True)):
+def _centred_sums(problem: _Problem, side: Sequence[Tensor]) -> list[Tensor]:
+    """sum_i x~_ai in float64 per layer."""
+    totals = []
+    for a, x in enumerate(side):
+        total = torch.zeros(x.shape[1], dtype=torch.float64, device=problem.device)
         for s, e in _chunks(x.shape[0]):
-            out[a, s:e] = _shifted(x[s:e], mu).double() @ total
+            total += _centred(problem, x[s:e], a).sum(0, dtype=torch.float64)
+        totals.append(total)
+    return totals
+
+
+def _project(problem: _Problem, side: Sequence[Tensor], totals: list[Tensor]) -> Tensor:
+    """[L, n] float64: x~_i . t_a for every token i of `side` (the row sums of X~ Y~^T)."""
+    out = torch.empty(problem.num_layers, side[0].shape[0], dtype=torch.float64, device=problem.device)
+    for a, (x, total) in enumerate(zip(side, totals, strict=True)):
+        for s, e in _chunks(x.shape[0]):
+            out[a, s:e] = _centred(problem, x[s:e], a).double() @ total
     return out
-
-
-def _add_structure(
-    problem: _Problem, dev: _DeviationSums, u: list[Tensor] | None, v: list[Tensor] | None, offsets: Tensor
-) -> KernelSums:
-    """Sums of K = D + u 1^T + 1 v^T + c from those of D, in float64."""
-    m, k = problem.m, problem.k
-    a, b = problem.pairs[:, 0].to(problem.device), problem.pairs[:, 1].to(problem.device)
-    c = offsets
-    totals = dev.row.sum(1)  # 1^T D_a 1
-    frob = dev.frob + c[b] * totals[a] + c[a] * totals[b] + m * k * c[a] * c[b]
-    row_sums = dev.row + k * c[:, None]
-    col_sums = dev.col + m * c[:, None]
-    if u is not None and v is not None:
-        uu, vv = torch.stack(u), torch.stack(v)
-        su, sv = uu.sum(1), vv.sum(1)
-        row_u = dev.row @ uu.T  # [L, L]: (D_a 1) . u_b
-        col_v = dev.col @ vv.T
-        frob = (
-            frob
-            + row_u[a, b] + col_v[a, b] + row_u[b, a] + col_v[b, a]
-            + k * (uu @ uu.T)[a, b] + m * (vv @ vv.T)[a, b]
-            + su[a] * sv[b] + sv[a] * su[b]
-            + c[b] * (k * su[a] + m * sv[a]) + c[a] * (k * su[b] + m * sv[b])
-        )  # fmt: skip
-        row_sums = row_sums + k * uu + sv[:, None]
-        col_sums = col_sums + m * vv + su[:, None]
-    return KernelSums(frob=frob, row_sums=row_sums, col_sums=col_sums)

@@ -13,6 +13,10 @@ tile: its B row sums, its B column sums and its Frobenius products. Two ways of 
   workspace [T, L, B*B] for a batch of T tile pairs, then one small matmul per tile pair gives the
   L x L Frobenius products of all layers at once.
 
+Inputs are centred first (the contract's centre subtracted in float32, then cast back to the inputs'
+dtype, widths zero-padded to a multiple of 16), so RBF distances come from centred rows and the
+precision does not depend on the layers' offsets.
+
 `kernel_sums` picks the variant that computes fewer Gram tiles. Precision: per-tile partial sums are
 fp32 (one tile holds at most B*B terms) and every sum across tiles is taken in float64 on the host,
 which keeps the results deterministic (no atomics). fp32 inputs use tf32 or ieee dots as torch's
@@ -33,7 +37,7 @@ import torch
 from torch import Tensor
 
 from slm_fast.errors import InputError
-from slm_fast.kernels import KernelSums, check_inputs
+from slm_fast.kernels import KernelSums, centred_copy, check_inputs
 
 try:
     import triton
@@ -45,8 +49,17 @@ else:
     _TRITON_IMPORT_ERROR = None
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Widths are padded to a multiple of this many elements (zeros add nothing to dots or norms).
+WIDTH_ALIGN = 16
 BLOCK_SIZES = (16, 32, 64, 128)
 DEFAULT_BLOCK_GPU = 128
+# The band variant holds two kernel tiles in registers: its tile is capped at 64 tokens, with which
+# every configuration compiles without spills (at 128, 2 x 128 x 128 fp32 values need more registers
+# than 4 or 8 warps have).
+BAND_BLOCK_GPU = 64
+# fp32 operands take twice the registers of bf16 ones (and ieee dots multiply on CUDA cores, operands
+# in registers): 64-token tiles, with which FP32_CONFIGS compile without spills.
+FP32_BLOCK_GPU = 64
 DEFAULT_BLOCK_INTERPRETER = 16
 # Host-side bounds: partial sums of one row chunk, and the staged tiles of one batch of tile pairs.
 PARTIALS_BYTES = 256 << 20
@@ -308,16 +321,38 @@ if triton is not None:
         out = out_ptr + t.to(tl.int64) * n_layers * n_layers
         tl.store(out + layers_a[:, None] * n_layers + layers_b[None, :], acc, mask=mask_a[:, None] & mask_b[None, :])
 
-    _GPU_TILE_CONFIGS = [
+    # Autotuned configurations, one list per register footprint; every one compiles without register
+    # spills for sm_80 and sm_90 (tests/test_triton_cka.py compiles them all ahead of time).
+    # One kernel tile of BLOCK_GPU x BLOCK_GPU (all-pairs launches, band items of one layer):
+    # (4 warps hold 128 fp32 accumulators a thread and spill on sm_80.)
+    ONE_LAYER_CONFIGS = [
         triton.Config({"BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=5),
+        triton.Config({"BLOCK_K": 32}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_K": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_K": 64}, num_warps=16, num_stages=3),  # two 128 x 128 tiles in registers
+        triton.Config({"BLOCK_K": 64}, num_warps=16, num_stages=3),
     ]
-    _tile_pairs_autotuned = triton.autotune(
-        configs=_GPU_TILE_CONFIGS, key=["d_a", "d_b", "BLOCK", "TWO_LAYERS", "RBF", "STAGE"]
-    )(_tile_pairs_kernel)
+    # Two kernel tiles of BAND_BLOCK_GPU x BAND_BLOCK_GPU at once (band items of two layers):
+    TWO_LAYER_CONFIGS = [
+        triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_K": 64}, num_warps=8, num_stages=3),
+    ]
+    # fp32 inputs (tf32 tensor cores, or ieee dots on CUDA cores with operands and accumulators all in
+    # registers), FP32_BLOCK_GPU, one or two layers:
+    FP32_CONFIGS = [
+        triton.Config({"BLOCK_K": 16}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_K": 16}, num_warps=8, num_stages=3),
+    ]
+    _TUNING_KEY = ["d_a", "d_b", "BLOCK", "RBF", "STAGE", "TWO_LAYERS"]
+    _AUTOTUNED = {
+        (two_layers, fp32): triton.autotune(configs=configs, key=_TUNING_KEY)(_tile_pairs_kernel)
+        for two_layers, fp32, configs in [
+            (False, False, ONE_LAYER_CONFIGS),
+            (True, False, TWO_LAYER_CONFIGS),
+            (False, True, FP32_CONFIGS),
+            (True, True, FP32_CONFIGS),
+        ]
+    }
 
 
 def unavailable_reason(device: torch.device | str) -> str | None:
@@ -378,12 +413,19 @@ def _prepare(
     kernel: str,
     gammas: Sequence[float] | None,
     pairs: Tensor,
+    centers: Sequence[Tensor] | None,
 ) -> _Problem:
-    rows, cols, symmetric, gammas, pair_list = check_inputs(rows, cols, kernel, gammas, pairs, dtypes=SUPPORTED_DTYPES)
-    tensors = rows + cols
-    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-    rows = [_unit_stride(r.to(dtype)) for r in rows]
-    cols = rows if symmetric else [_unit_stride(c.to(dtype)) for c in cols]
+    """Check the inputs and centre them: each layer's tokens minus its centre in float32, then cast to
+    the inputs' (promoted) dtype, in a copy whose width is padded with zeros to a multiple of
+    WIDTH_ALIGN, so that every row starts 16-element aligned and the d loop needs no ragged chunk."""
+    inputs = check_inputs(rows, cols, kernel, gammas, pairs, centers, dtypes=SUPPORTED_DTYPES)
+    rows, cols, symmetric, gammas, pair_list = inputs.rows, inputs.cols, inputs.symmetric, inputs.gammas, inputs.pairs
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in rows + cols))
+    rows = [centred_copy(x, c, dtype, _padded(x.shape[1])) for x, c in zip(rows, inputs.centers, strict=True)]
+    if not symmetric:
+        cols = [centred_copy(x, c, dtype, _padded(x.shape[1])) for x, c in zip(cols, inputs.centers, strict=True)]
+    else:
+        cols = rows
 
     rbf = kernel == "rbf"
     if rbf:
@@ -395,8 +437,8 @@ def _prepare(
     return _Problem(rows, cols, row_norms, col_norms, gammas, rbf, symmetric, pair_list)
 
 
-def _unit_stride(x: Tensor) -> Tensor:
-    return x if x.stride(1) == 1 else x.contiguous()
+def _padded(width: int) -> int:
+    return -(-width // WIDTH_ALIGN) * WIDTH_ALIGN
 
 
 def _squared_row_norms(x: Tensor, chunk_bytes: int = 64 << 20) -> Tensor:
@@ -432,8 +474,10 @@ def _launch_options(dtype: torch.dtype) -> dict:
     return options
 
 
-def _tile_kernel():
-    return _tile_pairs_kernel if _interpreting() else _tile_pairs_autotuned
+def _tile_kernel(two_layers: bool, dtype: torch.dtype):
+    if _interpreting():
+        return _tile_pairs_kernel
+    return _AUTOTUNED[(two_layers, dtype == torch.float32)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -525,7 +569,7 @@ def _launch_tile_pairs(
     rows = partials.rows
     frob_out = rows if frob is None else frob
     staged_out = rows if staged is None else staged
-    _tile_kernel()[(tile_i.numel(),)](
+    _tile_kernel(b is not None, problem.rows[0].dtype)[(tile_i.numel(),)](
         tile_i,
         tile_j,
         first,
@@ -593,6 +637,7 @@ def _band_gemms(items: Sequence[_BandItem]) -> int:
 
 
 def _run_band(problem: _Problem, block: int) -> KernelSums:
+    block = min(block, BAND_BLOCK_GPU)
     items = _band_items(problem.n_layers, problem.pairs)
     n_tiles_j = _cdiv(problem.n_cols, block)
 
@@ -639,7 +684,7 @@ def _staged_frob_options(n_layers: int) -> dict:
     precise = "tf32x3" if torch.version.hip is None and not _interpreting() else "ieee"
     return {
         "BLOCK_L": min(64, max(16, triton.next_power_of_2(n_layers))),
-        "BLOCK_E": 64,
+        "BLOCK_E": 32,  # 64 spills on sm_80 with tf32x3 (three dots of 64 x 64 operands)
         "INPUT_PRECISION": precise,
     }
 
@@ -690,14 +735,17 @@ def _run(
     kernel: str,
     gammas: Sequence[float] | None,
     pairs: Tensor,
+    centers: Sequence[Tensor] | None,
     block_size: int | None,
 ) -> KernelSums:
     if rows:
         reason = unavailable_reason(rows[0].device)
         if reason is not None:
             raise InputError(f"backend 'triton' cannot run on {rows[0].device}: {reason}")
-    problem = _prepare(rows, cols, kernel, gammas, pairs)
+    problem = _prepare(rows, cols, kernel, gammas, pairs, centers)
     block = _block(block_size)
+    if block_size is None and problem.rows[0].dtype == torch.float32 and not _interpreting():
+        block = FP32_BLOCK_GPU
     if problem.n_rows == 0 or problem.n_cols == 0:
         return _empty_result(problem)
     return run(problem, block)
@@ -717,12 +765,14 @@ def kernel_sums(
     kernel: str,
     gammas: Sequence[float] | None,
     pairs: Tensor,
+    centers: Sequence[Tensor] | None = None,
     block_size: int | None = None,
 ) -> KernelSums:
     """The backend contract (slm_fast/kernels/__init__.py), by the variant computing fewer Gram tiles.
 
-    block_size is the token tile B (16, 32, 64 or 128; default 128 on a GPU)."""
-    return _run(_run_cheaper, rows, cols, kernel, gammas, pairs, block_size)
+    block_size is the token tile B (16, 32, 64 or 128; default 128 on a GPU; the band variant caps
+    it at BAND_BLOCK_GPU = 64)."""
+    return _run(_run_cheaper, rows, cols, kernel, gammas, pairs, centers, block_size)
 
 
 def band_kernel_sums(
@@ -732,10 +782,12 @@ def band_kernel_sums(
     kernel: str,
     gammas: Sequence[float] | None,
     pairs: Tensor,
+    centers: Sequence[Tensor] | None = None,
     block_size: int | None = None,
 ) -> KernelSums:
-    """kernel_sums by the band variant: one launch per cross pair, both tiles in registers."""
-    return _run(_run_band, rows, cols, kernel, gammas, pairs, block_size)
+    """kernel_sums by the band variant: one launch per cross pair, both tiles in registers (token tile
+    at most BAND_BLOCK_GPU)."""
+    return _run(_run_band, rows, cols, kernel, gammas, pairs, centers, block_size)
 
 
 def all_pairs_kernel_sums(
@@ -745,7 +797,8 @@ def all_pairs_kernel_sums(
     kernel: str,
     gammas: Sequence[float] | None,
     pairs: Tensor,
+    centers: Sequence[Tensor] | None = None,
     block_size: int | None = None,
 ) -> KernelSums:
     """kernel_sums by the all-pairs variant: staged tiles, one L x L matmul per tile pair."""
-    return _run(_run_all_pairs, rows, cols, kernel, gammas, pairs, block_size)
+    return _run(_run_all_pairs, rows, cols, kernel, gammas, pairs, centers, block_size)

@@ -2,8 +2,10 @@
 streaming accumulator, and the cosine-based scores of the depth-pruning literature.
 
 Activations `acts`: a [L, n, d] tensor or a sequence of L [n, d_a] tensors (the same n tokens in every
-layer; widths may differ), float32, bfloat16, float16 or float64. Kernel sums are float32 products
-(float64 for float64 input) reduced in float64; results are float64.
+layer; widths may differ), float32, bfloat16, float16 or float64. Every layer is centred on its token
+mean in float32 (float64 for float64 input) before any product, so shared offsets and massive
+activations cost no precision; kernel sums are float32 products (float64 for float64 input) reduced in
+float64; results are float64.
 
 Estimators (similarity/estimators.py): biased HSIC = tr(K H L H) / (n-1)^2, or unbiased (Song et al.
 2012, = Szekely-Rizzo U-centering; needs n >= 4). CKA(a, b) = HSIC(a, b) / sqrt(HSIC(a, a) HSIC(b, b)).
@@ -26,7 +28,7 @@ import torch
 from torch import Tensor
 
 from slm_fast.errors import InputError
-from slm_fast.kernels import load_backend
+from slm_fast.kernels import layer_centers, load_backend
 from slm_fast.similarity.checks import (
     as_layers,
     check_finite,
@@ -154,8 +156,11 @@ def _matrices(
             layers, sigma_scale=sigma_scale, include_diagonal=median_diagonal, max_pairs=median_pairs, seed=seed
         )
         gammas = gammas_from_sigmas(sigmas)
-    sums = module.kernel_sums(layers, None, kernel=kernel, gammas=gammas, pairs=stat_pairs, block_size=block_size)
-    diagonal = squared_norms(layers) if kernel == "linear" else None
+    centers = layer_centers(layers)
+    sums = module.kernel_sums(
+        layers, None, kernel=kernel, gammas=gammas, pairs=stat_pairs, centers=centers, block_size=block_size
+    )
+    diagonal = squared_norms(layers, centers) if kernel == "linear" else None
     stats = stats_from_row_sums(layers[0].shape[0], stat_pairs, sums.frob, sums.row_sums, diagonal)
     return similarity_matrices(len(layers), stats, unbiased, constant)
 

@@ -65,14 +65,20 @@ def check_layers(layers: Sequence[Tensor], *, tokens_at_least: int, what: str = 
             f"{what}: {first.shape[0]} tokens, but the estimator needs at least {tokens_at_least}"
             + (" (unbiased HSIC divides by n(n-3))" if tokens_at_least == 4 else "")
         )
-    return [bool((x == x[:1]).all()) for x in layers]
+    return [torch.equal(x, x[:1].expand_as(x)) for x in layers]
 
 
 def check_finite(x: Tensor, what: str) -> None:
+    """InputError naming the first token with a NaN or Inf. The test is the minimum and maximum (one
+    pass, no n x d mask; NaN propagates into both): a mask is built only to locate a bad token."""
+    if x.numel() == 0:
+        return
+    low, high = torch.aminmax(x)
+    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+        return
     finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        token = int((~finite).any(1).nonzero()[0, 0])
-        raise InputError(f"{what} holds NaN or Inf values (first at token {token})")
+    token = int((~finite).reshape(x.shape[0], -1).any(1).nonzero()[0, 0]) if x.ndim else 0
+    raise InputError(f"{what} holds NaN or Inf values (first at token {token})")
 
 
 def normalize_pairs(pairs: Sequence[Sequence[int]] | Tensor | None, num_layers: int) -> Tensor:
@@ -102,11 +108,13 @@ def with_diagonal(pairs: Tensor) -> Tensor:
     return torch.unique(torch.cat([pairs, torch.stack([layers, layers], 1)]), dim=0)
 
 
-def squared_norms(layers: Sequence[Tensor], chunk: int = 4096) -> Tensor:
-    """[L, n] float64 |x_ai|^2: the diagonal of the linear kernel, which unbiased HSIC removes."""
+def squared_norms(layers: Sequence[Tensor], centers: Sequence[Tensor], chunk: int = 4096) -> Tensor:
+    """[L, n] float64 |x_ai - c_a|^2: the diagonal of the linear kernel of the centred layers (the
+    kernel the backends reduce), which unbiased HSIC removes."""
     n = layers[0].shape[0]
     out = torch.empty(len(layers), n, dtype=torch.float64, device=layers[0].device)
-    for a, x in enumerate(layers):
+    for a, (x, c) in enumerate(zip(layers, centers, strict=True)):
         for s in range(0, n, chunk):
-            out[a, s : s + chunk] = torch.linalg.vector_norm(x[s : s + chunk], dim=1, dtype=torch.float64).square_()
+            centred = x[s : s + chunk].to(c.dtype) - c
+            out[a, s : s + chunk] = torch.linalg.vector_norm(centred, dim=1, dtype=torch.float64).square_()
     return out

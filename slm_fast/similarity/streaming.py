@@ -14,6 +14,10 @@ cumulative token-pairing cost c n^2 (sum_a d_a + L_p^2) overtakes the feature co
 (c = TOKEN_PAIRING_COST, the measured cost of a pairing flop against a feature flop), provided the
 accumulators fit in `state_bytes`.
 
+Centring. The backends centre every token on one vector per layer (slm_fast/kernels/__init__.py):
+here the mean of the tokens present at the first pairing, fixed from then on. HSIC is invariant to the
+choice; being near the mean is what keeps the float32 products precise.
+
 sigma for RBF must be known before tokens are paired: explicit sigmas are used as given; with
 sigma=None it is the median heuristic (similarity/sigma.py) over the first `sigma_tokens` tokens to
 arrive. Pairing waits until that many tokens are stored (or until compute(), which then uses all of
@@ -31,7 +35,7 @@ import torch
 from torch import Tensor
 
 from slm_fast.errors import InputError
-from slm_fast.kernels import load_backend
+from slm_fast.kernels import layer_centers, load_backend
 from slm_fast.similarity.checks import (
     as_layers,
     check_finite,
@@ -126,7 +130,8 @@ class StreamingCKA:
         self._paired = 0
         self._frob = torch.zeros(0, dtype=torch.float64)
         self._row_sums: _GrowingColumns | None = None
-        self._diagonal: _GrowingColumns | None = None
+        self._diagonal: _GrowingColumns | None = None  # linear: |x~_i|^2 of the tokens paired so far
+        self._centers: list[Tensor] | None = None  # the backends' centre per layer, fixed at the first pairing
 
     @property
     def num_tokens(self) -> int:
@@ -157,8 +162,6 @@ class StreamingCKA:
         assert self._store is not None and self._row_sums is not None
         self._store.append(layers)
         self._row_sums.extend_zeros(layers[0].shape[0])
-        if self._diagonal is not None:
-            self._diagonal.extend(squared_norms(layers))
         if self._switch_at is not None and self._num_tokens >= self._switch_at:
             self._move_to_features()
         elif self._ready_to_pair() and self._num_tokens - self._paired >= self._flush_tokens:
@@ -245,6 +248,11 @@ class StreamingCKA:
             "block_size": self._block_size,
         }
         rows = [self._store.read(a, start, stop) for a in range(self.num_layers)]
+        if self._centers is None:  # the first pairing: centre on these tokens' mean (start == 0)
+            self._centers = layer_centers(rows)
+        options["centers"] = self._centers
+        if self._diagonal is not None:
+            self._diagonal.extend(squared_norms(rows, self._centers))
         row_sums = self._row_sums.view()
         for s, e in self._store.ranges(start):
             cols = [self._store.read(a, s, e) for a in range(self.num_layers)]
