@@ -135,7 +135,9 @@ def test_loglikelihoods_equal_hand_computation(tiny: Path, hf_model: torch.nn.Mo
     expected = [hand_loglikelihood(hf_model, context, continuation) for context, continuation in pairs]
     assert got.loglikelihood.dtype == torch.float64
     assert got.loglikelihood.tolist() == pytest.approx(expected, abs=1e-5)
-    assert float(got.loglikelihood[0]) == pytest.approx(float(got.loglikelihood[5]), abs=1e-6)  # one row, two head chunks
+    assert float(got.loglikelihood[0]) == pytest.approx(
+        float(got.loglikelihood[5]), abs=1e-6
+    )  # one row, two head chunks
     assert got.rows == 5  # 7 requests, two sharing with others
     with torch.no_grad():
         greedy = [
