@@ -53,7 +53,8 @@ def text_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def rolling_tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with a rolling log-likelihood task over BoolQ passages joined into texts of ~700-2000
-    BPE tokens (so that the 512-token context needs several windows), and a generative task."""
+    BPE tokens (so that the 512-token context needs several windows), and generative tasks (greedy,
+    left-truncated contexts; sampled)."""
     folder = tmp_path_factory.mktemp("rolling")
     passages = [row["passage"] for row in first_rows("boolq", 12)]
     texts = [" ".join(passages[i : i + 3]) for i in range(0, 12, 3)]
@@ -73,10 +74,12 @@ def rolling_tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "output_type": "generate_until",
         "doc_to_text": "{{text}}",
         "doc_to_target": "{{text}}",
+        "generation_kwargs": {"until": ["\n", "."], "max_gen_toks": 8},
         "metric_list": [{"metric": "exact_match"}],
     }
-    (folder / "tiny_rolling.yaml").write_text(json.dumps(rolling))  # JSON is YAML
-    (folder / "tiny_generate.yaml").write_text(json.dumps(generative))
+    sampled = generative | {"task": "tiny_sample", "generation_kwargs": {"do_sample": True, "temperature": 0.7}}
+    for config in (rolling, generative, sampled):
+        (folder / f"{config['task']}.yaml").write_text(json.dumps(config))  # JSON is YAML
     return folder
 
 
@@ -93,12 +96,14 @@ def run_both(model: Path, tasks: list[str], limit: int, include: list[Path], lm:
 
 def assert_same_responses(ours: dict, theirs: dict, task: str) -> None:
     """Per document and request: the same log-likelihood (float32 model, different batch shapes: a
-    relative 1e-5) and, for loglikelihood requests, the same greedy flag."""
+    relative 1e-5) and, for loglikelihood requests, the same greedy flag; the same generated text."""
     for mine, hf in zip(ours["samples"][task], theirs["samples"][task], strict=True):
         assert mine["doc_id"] == hf["doc_id"] and mine["arguments"] == hf["arguments"]
         for a, b in zip(mine["resps"], hf["resps"], strict=True):
             a, b = a[0], b[0]
-            if isinstance(a, tuple | list):
+            if isinstance(a, str):
+                assert a == b
+            elif isinstance(a, tuple | list):
                 assert a[0] == pytest.approx(b[0], rel=1e-5, abs=1e-4)
                 assert a[1] == b[1]
             else:
@@ -136,6 +141,18 @@ def test_rolling_loglikelihood_equals_the_harness_hf_model(text_model: Path, rol
     longest = max(len(tokenizer(json.loads(line)["text"])["input_ids"]) for line in lines)
     assert longest > 2 * 512  # several windows per text
     assert lm.calls == 1 and runner.blocks_loaded > LAYERS  # a small hidden budget: several groups
+
+
+def test_greedy_generation_equals_the_harness_hf_model(text_model: Path, rolling_tasks: Path) -> None:
+    runner = BlockRunner(CheckpointReader(text_model))
+    lm = StreamedLM(runner, AutoTokenizer.from_pretrained(text_model), progress=False)
+    ours, theirs = run_both(text_model, ["tiny_generate"], 4, [rolling_tasks], lm)
+    assert_same_responses(ours, theirs, "tiny_generate")
+    texts = [sample["resps"][0][0] for sample in ours["samples"]["tiny_generate"]]
+    assert any(texts) and all("\n" not in text and "." not in text for text in texts)
+    assert 4 <= lm.generated_tokens <= 4 * 8
+    steps = max(1, lm.generated_tokens // 4)
+    assert runner.blocks_loaded >= LAYERS * steps  # every step streams every block (budget 0)
 
 
 def test_local_configs_are_the_harness_configs_with_local_data() -> None:
@@ -180,7 +197,7 @@ def test_cli_runs_harness_tasks(text_model: Path, rolling_tasks: Path, tmp_path:
     ("tasks", "message"),
     [
         ("arc_easyy", r"unknown harness task\(s\) 'arc_easyy' \(close: arc_easy"),
-        ("tiny_generate", "tiny_generate generate text .* not support"),
+        ("tiny_sample", "tiny_sample sample their generations"),
     ],
 )
 def test_cli_task_errors(text_model: Path, rolling_tasks: Path, capsys, tasks: str, message: str) -> None:

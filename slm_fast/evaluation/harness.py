@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
 
 SUPPORTED_LM_EVAL = "==0.4.13"  # the version tested here; keep in step with pyproject's `eval` extra
-SUPPORTED_OUTPUT_TYPES = ("loglikelihood", "loglikelihood_rolling", "multiple_choice")
 
 
 def lm_eval_version() -> str:
@@ -70,8 +69,8 @@ def check_task_names(manager: TaskManager, names: Sequence[str]) -> None:
         raise InputError(f"--tasks: unknown harness task(s) {described}")
 
 
-def check_output_types(manager: TaskManager, names: Sequence[str]) -> None:
-    """Load the tasks (which reads their data) and refuse generative ones, before any scoring."""
+def check_tasks_load(manager: TaskManager, names: Sequence[str]) -> None:
+    """Load the tasks (which reads their data) and refuse sampled generation, before any scoring."""
     try:
         loaded = manager.load(list(names))
     except (OSError, ConnectionError, ValueError, FileNotFoundError) as exc:
@@ -79,14 +78,17 @@ def check_output_types(manager: TaskManager, names: Sequence[str]) -> None:
             f"--tasks: the harness could not load {', '.join(names)}: {exc} (offline, the local tasks are "
             f"{', '.join(LOCAL_TASKS)})"
         ) from exc
-    generative = sorted(
-        name for name, task in loaded["tasks"].items() if task.get_config("output_type") not in SUPPORTED_OUTPUT_TYPES
-    )
-    if generative:
+    sampled = sorted(name for name, task in loaded["tasks"].items() if _samples(task.get_config("generation_kwargs")))
+    if sampled:
         raise InputError(
-            f"--tasks: {', '.join(generative)} generate text (generate_until), which the block-streamed model "
-            f"does not support; supported: {', '.join(SUPPORTED_OUTPUT_TYPES)} tasks"
+            f"--tasks: {', '.join(sampled)} sample their generations (do_sample / temperature > 0); the "
+            "block-streamed model generates greedily only"
         )
+
+
+def _samples(generation_kwargs: dict[str, Any] | None) -> bool:
+    kwargs = generation_kwargs or {}
+    return bool(kwargs.get("do_sample")) or float(kwargs.get("temperature") or 0.0) > 0
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,7 @@ def evaluate_tasks(
     with tempfile.TemporaryDirectory(prefix="slm_fast_tasks_") as workdir:
         manager = task_manager(local=local, include_path=include_path, workdir=Path(workdir))
         check_task_names(manager, names)
-        check_output_types(manager, names)
+        check_tasks_load(manager, names)
         results = simple_evaluate(
             model=lm, tasks=list(names), task_manager=manager, limit=limit, log_samples=False, verbosity="ERROR"
         )

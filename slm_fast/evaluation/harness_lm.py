@@ -8,9 +8,8 @@ it, unless `add_bos_token` says otherwise). Scoring differs only in how the mode
 request the harness passes in one call (all tasks of a run together) goes through the blocks as one
 stream, so each block is read a handful of times per run, whatever the number of requests.
 
-Generation (`generate_until`) is not supported: each generated token would need a pass over every
-block, which defeats streaming a model larger than memory; tasks that generate are refused before any
-work starts (see `harness.check_output_types`).
+Generation (`generate_until`) is greedy and block-streamed (see `generation`): each new token costs a
+pass over every block for all unfinished requests together; sampled generation is refused.
 """
 
 from __future__ import annotations
@@ -19,9 +18,16 @@ from typing import TYPE_CHECKING, Any
 
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
-from lm_eval.models.utils import has_bos_prefix, resolve_max_length
+from lm_eval.models.utils import (
+    handle_stop_sequences,
+    has_bos_prefix,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+    resolve_max_length,
+)
 
 from slm_fast.errors import InputError
+from slm_fast.evaluation.generation import greedy_generate
 from slm_fast.evaluation.scoring import loglikelihoods, token_request
 
 if TYPE_CHECKING:
@@ -30,6 +36,7 @@ if TYPE_CHECKING:
     from slm_fast.runtime.stream import BlockRunner
 
 DEFAULT_MAX_LENGTH = 2048  # the harness's fallback when neither config nor tokenizer names a context length
+MAX_GEN_TOKS = 256  # the harness's default max_gen_toks for its hf model
 
 
 class StreamedLM(TemplateLM):
@@ -63,6 +70,7 @@ class StreamedLM(TemplateLM):
         self.requests_scored = 0  # token requests (rolling windows count one each)
         self.rows_run = 0  # distinct input rows run through the blocks
         self.calls = 0  # scoring passes over the blocks' stream
+        self.generated_tokens = 0
 
     # -- tokenization, as the harness's HFLM ---------------------------------------------------------
     @property
@@ -138,7 +146,49 @@ class StreamedLM(TemplateLM):
         return totals
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        raise InputError(
-            "generation (generate_until tasks) is not supported by the block-streamed model: every new "
-            "token would need a pass over all blocks"
-        )
+        """Greedy continuations, as the harness's hf model computes them: the context left-truncated
+        to `max_length` - max_gen_toks tokens, generation until an end-of-sequence token or max_gen_toks,
+        the text cut at the first of the `until` strings (EOS's text added to them). Sampling is refused."""
+        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        prompts, budgets, stops = [], [], []
+        for context, gen_kwargs in (request.args for request in requests):
+            kwargs = normalize_gen_kwargs(gen_kwargs, MAX_GEN_TOKS)
+            if kwargs.get("do_sample") or kwargs.get("temperature", 0.0) > 0:
+                raise InputError(f"sampled generation ({gen_kwargs}) is not supported; only greedy")
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+            max_gen_toks = kwargs.pop("max_gen_toks")
+            if max_gen_toks >= self.max_length:
+                raise InputError(f"max_gen_toks {max_gen_toks} leaves no room for a context of {self.max_length}")
+            prompts.append(self.tok_encode(context, left_truncate_len=self.max_length - max_gen_toks))
+            budgets.append(max_gen_toks)
+            stops.append([term for term in until if term])
+        end_ids = self._end_token_ids()
+
+        def finished(index: int, tokens: list[int]) -> bool:
+            text = self.tok_decode(tokens, skip_special_tokens=False)
+            return tokens[-1] in end_ids or any(term in text for term in stops[index])
+
+        streaming = self.streaming | ({"progress": False} if disable_tqdm else {})
+        streaming.pop("head_rows")
+        outputs = greedy_generate(self.runner, prompts, budgets, finished, **streaming)
+        texts = []
+        for tokens, until, request in zip(outputs, stops, requests, strict=True):  # EOS, if any, is last
+            text = postprocess_generated_text(self.tok_decode(tokens), stop=until, think_end_token=None)
+            texts.append(text)
+            self.cache_hook.add_partial("generate_until", request.args, text)
+        self.generated_tokens += sum(len(tokens) for tokens in outputs)
+        return texts
+
+    def _end_token_ids(self) -> set[int]:
+        """The ids generation stops at: the tokenizer's EOS and the model's generation config's, as
+        transformers' `generate` stops at the latter."""
+        from transformers import GenerationConfig
+
+        folder = self.runner.reader.folder
+        try:
+            config = GenerationConfig.from_pretrained(folder)
+        except OSError:  # no generation_config.json
+            config = GenerationConfig.from_model_config(self.runner.parts.config)
+        ids = config.eos_token_id
+        ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+        return ids | ({self.eot_token_id} if self.eot_token_id is not None else set())

@@ -68,10 +68,10 @@ def loglikelihoods(
     scored_on: dict[tuple[int, ...], list[int]] = {}  # input row -> the requests it serves
     for number, request in enumerate(requests):
         scored_on.setdefault(request.inputs, []).append(number)
-    batches = _pack(sorted(scored_on, key=len, reverse=True), batch_tokens)
+    batches = pack_rows(sorted(scored_on, key=len, reverse=True), batch_tokens)
     totals = torch.zeros(len(requests), dtype=torch.float64)
     misses = torch.zeros(len(requests), dtype=torch.long)  # continuation tokens that are not the argmax
-    ids = [_padded(batch) for batch in batches]
+    ids = [padded_ids(batch) for batch in batches]
     for index, hidden in stream_batches(runner, ids, hidden_budget_bytes, desc=desc, progress=progress):
         batch_rows, positions, targets, owners = [], [], [], []
         for slot, row in enumerate(batches[index]):
@@ -90,7 +90,7 @@ def loglikelihoods(
     return Scores(totals, misses == 0, len(scored_on))
 
 
-def _pack(rows: list[tuple[int, ...]], batch_tokens: int) -> list[list[tuple[int, ...]]]:
+def pack_rows(rows: list[tuple[int, ...]], batch_tokens: int) -> list[list[tuple[int, ...]]]:
     """Rows sorted longest first -> consecutive batches whose padded size (count x longest) stays
     within `batch_tokens`."""
     batches: list[list[tuple[int, ...]]] = []
@@ -102,7 +102,7 @@ def _pack(rows: list[tuple[int, ...]], batch_tokens: int) -> list[list[tuple[int
     return batches
 
 
-def _padded(batch: list[tuple[int, ...]]) -> Tensor:
+def padded_ids(batch: list[tuple[int, ...]]) -> Tensor:
     """Right-padded token ids; the padding id (0) is arbitrary, its positions are never scored."""
     out = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)
     for slot, row in enumerate(batch):
