@@ -97,14 +97,8 @@ def _limit(text: str) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import tempfile
     import time
-
-    import torch
-
-    from slm_fast.checkpoint.reader import CheckpointReader
-    from slm_fast.evaluation import perplexity
-    from slm_fast.evaluation.report import EvaluationReport
-    from slm_fast.runtime.stream import BlockRunner
 
     started = time.perf_counter()
     if not args.ppl and args.tasks is None:
@@ -115,16 +109,31 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--stride must be >= 1 and cannot be combined with --bos-every-window")
     if args.json is not None and not args.json.parent.is_dir():
         raise InputError(f"--json {args.json}: folder {args.json.parent} does not exist")
-    tasks, lm_eval_version = [], None
-    if args.tasks is not None:
-        from slm_fast.evaluation.harness import lm_eval_version as installed_lm_eval
-        from slm_fast.evaluation.harness import parse_tasks
+    with tempfile.TemporaryDirectory(prefix="slm_fast_tasks_") as workdir:
+        return _evaluate(args, Path(workdir), started)
 
-        lm_eval_version = installed_lm_eval()  # a clear error now if the extra is missing
-        tasks = parse_tasks(args.tasks)
+
+def _evaluate(args: argparse.Namespace, workdir: Path, started: float) -> int:
+    import time
+
+    import torch
+
+    from slm_fast.checkpoint.reader import CheckpointReader
+    from slm_fast.evaluation import perplexity
+    from slm_fast.evaluation.report import EvaluationReport
+    from slm_fast.runtime.stream import BlockRunner
+
     budget = parse_size(args.memory_budget)
     reader = CheckpointReader(args.model)
     tokenizer = _tokenizer(args.tokenizer or args.model)
+    tasks, lm_eval_version, manager = [], None, None
+    if args.tasks is not None:
+        from slm_fast.evaluation.harness import lm_eval_version as installed_lm_eval
+        from slm_fast.evaluation.harness import parse_tasks, prepare_tasks
+
+        lm_eval_version = installed_lm_eval()  # a clear error now if the extra is missing
+        tasks = parse_tasks(args.tasks)
+        manager = prepare_tasks(tasks, workdir=workdir, local=not args.hub_tasks, include_path=args.include_path)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     # Half the budget keeps blocks resident (a model that fits is read once), half holds hidden states.
     runner = BlockRunner(reader, args.device, dtype, block_budget_bytes=budget // 2)
@@ -156,10 +165,10 @@ def run(args: argparse.Namespace) -> int:
 
         add_bos = {"auto": None, "yes": True, "no": False}[args.add_bos_token]
         lm = StreamedLM(runner, tokenizer, add_bos_token=add_bos, **streaming)
-        outcome = evaluate_tasks(lm, tasks, limit=args.limit, local=not args.hub_tasks, include_path=args.include_path)
+        outcome = evaluate_tasks(lm, tasks, limit=args.limit, manager=manager)
         report.tasks, report.groups = outcome.tasks, outcome.groups
         report.settings["task_versions"] = outcome.versions
-        report.run["requests"], report.run["rows"] = lm.requests_scored, lm.rows_run
+        report.run |= {"requests": lm.requests_scored, "rows": lm.rows_run, "generated_tokens": lm.generated_tokens}
     report.run |= {
         "seconds": time.perf_counter() - started,
         "block_loads": runner.blocks_loaded,

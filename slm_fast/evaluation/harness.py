@@ -7,7 +7,6 @@ from __future__ import annotations
 import difflib
 import logging
 import math
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,25 +125,26 @@ class HarnessRun:
     versions: dict[str, Any] = field(default_factory=dict)  # task versions, as the harness reports them
 
 
-def evaluate_tasks(
-    lm: LM,
-    names: Sequence[str],
-    *,
-    limit: int | None,
-    local: bool = True,
-    include_path: Sequence[Path] = (),
-) -> HarnessRun:
+def prepare_tasks(
+    names: Sequence[str], *, workdir: Path, local: bool = True, include_path: Sequence[Path] = ()
+) -> TaskManager:
+    """The task manager for `names`, checked: every name known, every task's data loadable, no sampled
+    generation. Cheap next to scoring, so a bad --tasks fails before the model is touched."""
+    manager = task_manager(local=local, include_path=include_path, workdir=workdir)
+    check_task_names(manager, names)
+    check_tasks_load(manager, names)
+    return manager
+
+
+def evaluate_tasks(lm: LM, names: Sequence[str], *, limit: int | None, manager: TaskManager) -> HarnessRun:
     """Run harness tasks `names` on `lm` (zero-shot unless a task's config says otherwise) on the first
-    `limit` documents of each (all when None)."""
+    `limit` documents of each (all when None); `manager` from `prepare_tasks` (whose workdir must
+    still exist)."""
     from lm_eval import simple_evaluate
 
-    with tempfile.TemporaryDirectory(prefix="slm_fast_tasks_") as workdir:
-        manager = task_manager(local=local, include_path=include_path, workdir=Path(workdir))
-        check_task_names(manager, names)
-        check_tasks_load(manager, names)
-        results = simple_evaluate(
-            model=lm, tasks=list(names), task_manager=manager, limit=limit, log_samples=False, verbosity="ERROR"
-        )
+    results = simple_evaluate(
+        model=lm, tasks=list(names), task_manager=manager, limit=limit, log_samples=False, verbosity="ERROR"
+    )
     return harness_run(results)
 
 
