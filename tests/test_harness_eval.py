@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from pathlib import Path
 
-import pytest
-
-pytest.importorskip("lm_eval")
-
 import pyarrow as pa
+import pytest
 from eval_models import save_text_model
 from lm_eval import simple_evaluate
+from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 from transformers import AutoTokenizer
 
@@ -83,14 +80,18 @@ def rolling_tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def run_both(model: Path, tasks: list[str], limit: int, include: list[Path], lm: StreamedLM) -> tuple[dict, dict]:
-    """The harness on `tasks` with our LM and with its own `hf` model (float32, CPU), one task manager."""
-    with tempfile.TemporaryDirectory() as workdir:
-        manager = task_manager(local=True, include_path=include, workdir=Path(workdir))
-        common = dict(tasks=tasks, task_manager=manager, limit=limit, log_samples=True, verbosity="ERROR")
-        ours = simple_evaluate(model=lm, **common)
-        hf_args = {"pretrained": str(model), "dtype": "float32", "device": "cpu"}
-        theirs = simple_evaluate(model="hf", model_args=hf_args, batch_size=16, **common)
+@pytest.fixture(scope="module")
+def manager(rolling_tasks: Path, tmp_path_factory: pytest.TempPathFactory) -> TaskManager:
+    """The harness's tasks, the seven local ones and the test tasks (indexing takes seconds: once)."""
+    return task_manager(local=True, include_path=[rolling_tasks], workdir=tmp_path_factory.mktemp("tasks"))
+
+
+def run_both(model: Path, tasks: list[str], limit: int, manager: TaskManager, lm: StreamedLM) -> tuple[dict, dict]:
+    """The harness on `tasks` with our LM and with its own `hf` model (float32, CPU)."""
+    common = dict(tasks=tasks, task_manager=manager, limit=limit, log_samples=True, verbosity="ERROR")
+    ours = simple_evaluate(model=lm, **common)
+    hf_args = {"pretrained": str(model), "dtype": "float32", "device": "cpu"}
+    theirs = simple_evaluate(model="hf", model_args=hf_args, batch_size=16, **common)
     return ours, theirs
 
 
@@ -110,10 +111,10 @@ def assert_same_responses(ours: dict, theirs: dict, task: str) -> None:
                 assert a == pytest.approx(b, rel=1e-5, abs=1e-4)
 
 
-def test_seven_tasks_equal_the_harness_hf_model(text_model: Path) -> None:
+def test_seven_tasks_equal_the_harness_hf_model(text_model: Path, manager: TaskManager) -> None:
     runner = BlockRunner(CheckpointReader(text_model))
     lm = StreamedLM(runner, AutoTokenizer.from_pretrained(text_model), progress=False)
-    ours, theirs = run_both(text_model, list(LOCAL_TASKS), 10, [], lm)
+    ours, theirs = run_both(text_model, list(LOCAL_TASKS), 10, manager, lm)
     for task in LOCAL_TASKS:
         assert_same_responses(ours, theirs, task)
     mine, hf = harness_run(ours), harness_run(theirs)
@@ -128,11 +129,13 @@ def test_seven_tasks_equal_the_harness_hf_model(text_model: Path) -> None:
     assert runner.blocks_loaded == LAYERS
 
 
-def test_rolling_loglikelihood_equals_the_harness_hf_model(text_model: Path, rolling_tasks: Path) -> None:
+def test_rolling_loglikelihood_equals_the_harness_hf_model(
+    text_model: Path, rolling_tasks: Path, manager: TaskManager
+) -> None:
     tokenizer = AutoTokenizer.from_pretrained(text_model)
     runner = BlockRunner(CheckpointReader(text_model))
     lm = StreamedLM(runner, tokenizer, progress=False, hidden_budget_bytes=300 * 64 * 4, batch_tokens=1024)
-    ours, theirs = run_both(text_model, ["tiny_rolling"], 4, [rolling_tasks], lm)
+    ours, theirs = run_both(text_model, ["tiny_rolling"], 4, manager, lm)
     assert_same_responses(ours, theirs, "tiny_rolling")
     mine, hf = harness_run(ours).tasks[0].metrics, harness_run(theirs).tasks[0].metrics
     assert set(mine) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
@@ -143,10 +146,10 @@ def test_rolling_loglikelihood_equals_the_harness_hf_model(text_model: Path, rol
     assert lm.calls == 1 and runner.blocks_loaded > LAYERS  # a small hidden budget: several groups
 
 
-def test_greedy_generation_equals_the_harness_hf_model(text_model: Path, rolling_tasks: Path) -> None:
+def test_greedy_generation_equals_the_harness_hf_model(text_model: Path, manager: TaskManager) -> None:
     runner = BlockRunner(CheckpointReader(text_model))
     lm = StreamedLM(runner, AutoTokenizer.from_pretrained(text_model), progress=False)
-    ours, theirs = run_both(text_model, ["tiny_generate"], 4, [rolling_tasks], lm)
+    ours, theirs = run_both(text_model, ["tiny_generate"], 4, manager, lm)
     assert_same_responses(ours, theirs, "tiny_generate")
     texts = [sample["resps"][0][0] for sample in ours["samples"]["tiny_generate"]]
     assert any(texts) and all("\n" not in text and "." not in text for text in texts)
@@ -155,25 +158,23 @@ def test_greedy_generation_equals_the_harness_hf_model(text_model: Path, rolling
     assert runner.blocks_loaded >= LAYERS * steps  # every step streams every block (budget 0)
 
 
-def test_local_configs_are_the_harness_configs_with_local_data() -> None:
+def test_local_configs_are_the_harness_configs_with_local_data(manager: TaskManager) -> None:
     """Each local task includes the harness's config of the same name; only the data source differs."""
-    with tempfile.TemporaryDirectory() as workdir:
-        manager = task_manager(local=True, workdir=Path(workdir))
-        for name in LOCAL_TASKS:
-            harness = load_yaml(harness_tasks_dir() / LOCAL_TASKS[name].harness_config, resolve_func=False)
-            local = load_yaml(Path(workdir) / "local_tasks" / f"{name}.yaml", resolve_func=False)
-            assert harness["task"] == local["task"] == name
-            changed = {key for key in local if local[key] != harness.get(key)}
-            assert changed <= {"dataset_path", "dataset_name", "dataset_kwargs", "training_split", "test_split",
-                               "tag", "process_docs", "metadata"}  # fmt: skip
-            assert local["doc_to_text"] == harness["doc_to_text"]
-        loaded = manager.load(list(LOCAL_TASKS))["tasks"]
-        assert {name: len(task.eval_docs) for name, task in loaded.items()} == VALIDATION_SIZES
-        boolq = loaded["boolq"]
-        doc = boolq.eval_docs[0]
-        assert boolq.doc_to_text(doc).endswith("Question: does ethanol take more energy make that produces?\nAnswer:")
-        assert boolq.doc_to_target(doc) == 0  # answer False -> "no"
-        assert manager.load(["ai2_arc"])["tasks"].keys() == {"arc_easy", "arc_challenge"}  # the harness's tag
+    for name in LOCAL_TASKS:
+        harness = load_yaml(harness_tasks_dir() / LOCAL_TASKS[name].harness_config, resolve_func=False)
+        local = load_yaml(manager.task_index[name].yaml_path, resolve_func=False)
+        assert harness["task"] == local["task"] == name
+        changed = {key for key in local if local[key] != harness.get(key)}
+        assert changed <= {"dataset_path", "dataset_name", "dataset_kwargs", "training_split", "test_split",
+                           "tag", "process_docs", "metadata"}  # fmt: skip
+        assert local["doc_to_text"] == harness["doc_to_text"]
+    loaded = manager.load(list(LOCAL_TASKS))["tasks"]
+    assert {name: len(task.eval_docs) for name, task in loaded.items()} == VALIDATION_SIZES
+    boolq = loaded["boolq"]
+    doc = boolq.eval_docs[0]
+    assert boolq.doc_to_text(doc).endswith("Question: does ethanol take more energy make that produces?\nAnswer:")
+    assert boolq.doc_to_target(doc) == 0  # answer False -> "no"
+    assert manager.load(["ai2_arc"])["tasks"].keys() == {"arc_easy", "arc_challenge"}  # the harness's tag
 
 
 def test_cli_runs_harness_tasks(text_model: Path, rolling_tasks: Path, tmp_path: Path, capsys) -> None:
@@ -207,10 +208,10 @@ def test_cli_task_errors(text_model: Path, rolling_tasks: Path, capsys, tasks: s
 
 
 @pytest.mark.slow
-def test_smollm2_seven_tasks_equal_the_harness_hf_model(smollm2: Path) -> None:
+def test_smollm2_seven_tasks_equal_the_harness_hf_model(smollm2: Path, manager: TaskManager) -> None:
     """The real model, 20 documents of each of the seven tasks."""
     lm = StreamedLM(BlockRunner(CheckpointReader(smollm2)), AutoTokenizer.from_pretrained(smollm2), progress=False)
-    ours, theirs = run_both(smollm2, list(LOCAL_TASKS), 20, [], lm)
+    ours, theirs = run_both(smollm2, list(LOCAL_TASKS), 20, manager, lm)
     for task in LOCAL_TASKS:
         assert_same_responses(ours, theirs, task)
     mine, hf = harness_run(ours), harness_run(theirs)
