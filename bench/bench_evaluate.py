@@ -47,7 +47,7 @@ def harness_hf(model: Path, limit: int, workdir: Path) -> tuple[dict, float, int
     configs = write_local_configs(workdir / "local_tasks")
     command = [
         sys.executable, "-m", "lm_eval", "--model", "hf",
-        "--model_args", f"pretrained={model},dtype=float32,device=cpu",
+        "--model_args", f"pretrained={model},dtype=float32", "--device", "cpu",
         "--tasks", ",".join(LOCAL_TASKS), "--include_path", str(configs), "--limit", str(limit),
         "--batch_size", "16", "--output_path", str(workdir / "hf"),
     ]  # fmt: skip
