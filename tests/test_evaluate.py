@@ -1,6 +1,7 @@
-"""Evaluation: block-streamed perplexity and zero-shot scoring against whole-model transformers
-computations on tiny random models; the task loaders on the real Arrow files; the CLI. The `slow`
-ones score the real SmolLM2 against the figures in shared/assets.md."""
+"""Evaluation: block-streamed perplexity (non-overlapping and strided) and token-level scoring against
+whole-model transformers computations on tiny random models; the CLI's perplexity path and errors.
+The harness path (tasks) is tested in test_harness_eval.py. The `slow` test scores the real SmolLM2
+against the figure in shared/assets.md."""
 
 from __future__ import annotations
 
@@ -17,19 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from slm_fast.checkpoint.reader import CheckpointReader
 from slm_fast.cli import main
 from slm_fast.errors import InputError
-from slm_fast.evaluation import (
-    EvaluationReport,
-    TokenRequest,
-    encode_requests,
-    evaluate_task,
-    load_documents,
-    loglikelihoods,
-    parse_tasks,
-    perplexity,
-)
+from slm_fast.evaluation import TokenRequest, loglikelihoods, perplexity, strided_windows, token_request
 from slm_fast.evaluation.streaming import plan_groups
-from slm_fast.evaluation.tasks import Choice, Document, hellaswag_preprocess, multiple_choice, winogrande
-from slm_fast.evaluation.zeroshot import choice_scores
 from slm_fast.runtime.stream import BlockRunner
 
 LAYERS = 4
@@ -79,6 +69,32 @@ def test_perplexity_equals_the_full_model(tiny: Path, hf_model: torch.nn.Module)
     assert runner.blocks_loaded == 3 * LAYERS  # groups of 2 + 2 + 1 windows, each block once per group
 
 
+def test_strided_perplexity_is_hugging_faces_protocol(tiny: Path, hf_model: torch.nn.Module) -> None:
+    """The loop of HF's perplexity guide (labels -100 on the tokens a previous window scored),
+    restricted to whole windows, against block-streamed windows from `strided_windows`."""
+    ids = torch.randint(0, 128, (70,), generator=torch.Generator().manual_seed(5)).tolist()
+    seq_len, stride = 20, 8
+    nll_sum, count, previous_end = 0.0, 0, 0
+    for begin in range(0, len(ids) - seq_len + 1, stride):
+        end = begin + seq_len
+        window = torch.tensor([ids[begin:end]])
+        labels = window.clone()
+        labels[:, : seq_len - (end - previous_end)] = -100
+        with torch.no_grad():
+            loss = float(hf_model(window, labels=labels).loss)
+        scored = int((labels[:, 1:] != -100).sum())
+        nll_sum += loss * scored
+        count += scored
+        previous_end = end
+    windows = strided_windows(ids, seq_len, stride)
+    assert windows.shape == (7, seq_len) and windows[1, 0] == ids[stride]
+    result = perplexity(BlockRunner(CheckpointReader(tiny)), windows, stride=stride, batch_tokens=45, progress=False)
+    assert (result.tokens, result.stride) == (count, stride) == (19 + 6 * 8, 8)
+    assert result.mean_nll == pytest.approx(nll_sum / count, rel=1e-6)
+    with pytest.raises(InputError, match="shorter than one window"):
+        strided_windows(ids[:10], seq_len, stride)
+
+
 def test_perplexity_rejects_bad_windows(tiny: Path) -> None:
     runner = BlockRunner(CheckpointReader(tiny))
     with pytest.raises(InputError, match="shape"):
@@ -92,234 +108,69 @@ def test_groups_fit_the_budget() -> None:
 # --- scoring ----------------------------------------------------------------------------------------
 
 
-def test_harness_split_moves_trailing_space_into_the_continuation(tokenizer) -> None:
-    (request,) = encode_requests(tokenizer, [("w5 w6 ", "w7 w8")], max_length=256)
-    assert request == TokenRequest((5, 6, 7, 8), 2)
-    (truncated,) = encode_requests(tokenizer, [("w1 w2 w3 w4", " w5")], max_length=3)
-    assert truncated == TokenRequest((2, 3, 4, 5), 1)  # left-truncated to max_length + 1, as the harness
+def test_token_request_is_truncated_from_the_left() -> None:
+    assert token_request([5, 6], [7, 8], max_length=256) == TokenRequest((5, 6, 7, 8), 2)
+    assert token_request([1, 2, 3, 4], [5], max_length=3) == TokenRequest((2, 3, 4, 5), 1)  # as the harness
+    with pytest.raises(InputError, match="continuation"):
+        token_request([], [5], max_length=3)
+    with pytest.raises(InputError, match="continuation"):
+        token_request([1], [5, 6, 7, 8], max_length=3)
 
 
-def test_harness_split_with_a_byte_level_bpe() -> None:
-    """Whitespace belongs to the following token in GPT-2-style BPE: encoding the concatenation gives
-    'Ġyes', where encoding the pieces apart would give 'Ġ' + 'yes'."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    text = ["Question: is it?\nAnswer: yes", "Answer: no", "yes no yes no"] * 20
-    backend.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, show_progress=False))
-    bpe = PreTrainedTokenizerFast(tokenizer_object=backend)
-    (request,) = encode_requests(bpe, [("Question: is it?\nAnswer: ", "yes")], max_length=512)
-    whole = bpe("Question: is it?\nAnswer: yes", add_special_tokens=False)["input_ids"]
-    assert request.tokens == tuple(whole)
-    assert request.continuation_length == 1
-    assert bpe.convert_ids_to_tokens(whole[-1]) == "Ġyes"
-
-
-def test_empty_context_is_rejected(tokenizer) -> None:
-    with pytest.raises(InputError, match="empty context"):
-        encode_requests(tokenizer, [("  ", "w1")], max_length=256)
-
-
-def test_loglikelihoods_equal_hand_computation(tiny: Path, hf_model: torch.nn.Module, tokenizer) -> None:
+def test_loglikelihoods_equal_hand_computation(tiny: Path, hf_model: torch.nn.Module) -> None:
     pairs = [
-        ("w5 w6", " w7 w8"),  # multi-token continuation
-        ("w5 w6", " w9"),
-        ("w5 w6", " w10"),  # same input as the next one: one row serves both
-        ("w5 w6 w10", " w3"),
-        ("w1 w2 w3 w4 w5 w6 w7 w8 w9", " w11 w12 w13"),  # longest: pads the others in its batch
-        ("w5 w6", " w7 w8"),  # a duplicate request
-        ("w40", " w41"),
+        ([5, 6], [7, 8]),  # multi-token continuation
+        ([5, 6], [9]),
+        ([5, 6], [10]),  # same input as the next one: one row serves both
+        ([5, 6, 10], [3]),
+        ([1, 2, 3, 4, 5, 6, 7, 8, 9], [11, 12, 13]),  # longest: pads the others in its batch
+        ([5, 6], [7, 8]),  # a duplicate request
+        ([40], [41]),
     ]
-    requests = encode_requests(tokenizer, pairs, max_length=256)
+    requests = [token_request(context, continuation, 256) for context, continuation in pairs]
     runner = BlockRunner(CheckpointReader(tiny))
     got = loglikelihoods(
         runner, requests, hidden_budget_bytes=12 * 64 * 4, batch_tokens=24, head_rows=3, progress=False
     )
-    expected = [hand_loglikelihood(hf_model, tokenizer(c)["input_ids"], tokenizer(k)["input_ids"]) for c, k in pairs]
-    assert got.dtype == torch.float64
-    assert got.tolist() == pytest.approx(expected, abs=1e-5)
-    assert got[0] == got[5]
-
-
-def test_acc_and_acc_norm() -> None:
-    """acc takes the largest log-likelihood, acc_norm the largest per character of the choice text."""
-    doc = multiple_choice("ctx", ["a", "bbbbbbbbbb"], gold=1)
-    assert [c.continuation for c in doc.choices] == [" a", " bbbbbbbbbb"]
-    assert [c.norm_chars for c in doc.choices] == [1, 10]
-    assert choice_scores([doc], torch.tensor([-3.0, -10.0], dtype=torch.float64)) == (0.0, 1.0)
-    assert choice_scores([doc], torch.tensor([-30.0, -10.0], dtype=torch.float64)) == (1.0, 1.0)
-    tie = Document((Choice("c", " x", 1), Choice("c", " y", 1)), gold=1)
-    assert choice_scores([doc, tie], torch.tensor([-3.0, -10.0, -2.0, -2.0], dtype=torch.float64)) == (0.0, 0.5)
-
-
-def test_winogrande_partial_scoring(tiny: Path, hf_model: torch.nn.Module, tokenizer) -> None:
-    """The option goes into the context; both choices score the same continuation after the blank."""
-    row = {"sentence": "w1 w2 _ w3 w4.", "option1": "w5", "option2": "w6", "answer": "2"}
-    doc = winogrande(row)
-    assert [(c.context, c.continuation) for c in doc.choices] == [("w1 w2 w5", " w3 w4."), ("w1 w2 w6", " w3 w4.")]
-    assert doc.gold == 1
-    row["sentence"] = "w1 w2 _ w3 w4"  # the tiny vocabulary has no "w4."
-    doc = winogrande(row)
-    requests = encode_requests(tokenizer, [(c.context, c.continuation) for c in doc.choices], max_length=256)
-    scores = loglikelihoods(BlockRunner(CheckpointReader(tiny)), requests, progress=False)
-    by_hand = [hand_loglikelihood(hf_model, [1, 2, option], [3, 4]) for option in (5, 6)]
-    assert scores.tolist() == pytest.approx(by_hand, abs=1e-5)
-    acc, _ = choice_scores([doc], scores)
-    assert acc == float(by_hand[1] > by_hand[0])
-
-
-# --- tasks ------------------------------------------------------------------------------------------
-
-COUNTS = {
-    "boolq": 3270,
-    "piqa": 1838,
-    "hellaswag": 10042,
-    "winogrande": 1267,
-    "arc_easy": 570,
-    "arc_challenge": 299,
-    "openbookqa": 500,
-}
-
-
-@pytest.mark.parametrize("name", list(COUNTS))
-def test_task_sizes(name: str) -> None:
-    assert len(load_documents(name)) == COUNTS[name]
-
-
-def requests_of(name: str, index: int) -> tuple[list[tuple[str, str]], int]:
-    doc = load_documents(name, index + 1)[index]
-    return [(c.context, c.continuation) for c in doc.choices], doc.gold
-
-
-def test_boolq_prompt() -> None:
-    pairs, gold = requests_of("boolq", 0)
-    context = pairs[0][0]
-    assert context.startswith("All biomass goes through at least some of these steps:")
-    assert context.endswith(
-        "uses much less petroleum than producing gasoline.\n"
-        "Question: does ethanol take more energy make that produces?\nAnswer:"
-    )
-    assert [k for _, k in pairs] == [" no", " yes"] and gold == 0
-
-
-def test_piqa_prompt() -> None:
-    pairs, gold = requests_of("piqa", 0)
-    assert pairs[0] == (
-        "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:",
-        " Provide the guinea pig with a cage full of a few inches of bedding made of ripped paper strips, "
-        "you will also need to supply it with a water bottle and a food dish.",
-    )
-    assert pairs[1][1].startswith(
-        " Provide the guinea pig with a cage full of a few inches of bedding made of ripped jeans"
-    )
-    assert gold == 0
-
-
-def test_arc_prompts_with_letter_and_digit_keys() -> None:
-    pairs, gold = requests_of("arc_easy", 0)
-    assert pairs == [
-        ("Question: Which technology was developed most recently?\nAnswer:", f" {text}")
-        for text in ("cellular telephone", "television", "refrigerator", "airplane")
-    ]
-    assert gold == 0
-    pairs, gold = requests_of("arc_easy", 8)  # labels 1-4, answerKey "1"
-    assert pairs[0] == (
-        "Question: A green plant absorbs light. A frog eats flies. These are both examples of how organisms\nAnswer:",
-        " obtain energy",
-    )
-    assert gold == 0
-    pairs, gold = requests_of("arc_challenge", 0)
-    assert pairs[0][0].startswith("Question: Juan and LaKeisha roll a few objects down a ramp.")
-    assert pairs[3][1] == " Record the details of the investigation." and gold == 3
-    _, gold = requests_of("arc_challenge", 89)  # labels 1-4, answerKey "2"
-    assert gold == 1
-
-
-def test_openbookqa_prompt() -> None:
-    pairs, gold = requests_of("openbookqa", 0)
-    stem = "Frilled sharks and angler fish live far beneath the surface of the ocean, which is why they are known as"
-    assert pairs == [(stem, f" {text}") for text in ("Deep sea animals", "fish", "Long Sea Fish", "Far Sea Animals")]
-    assert gold == 0
-
-
-def test_hellaswag_prompt_and_preprocessing() -> None:
-    pairs, gold = requests_of("hellaswag", 0)
-    assert pairs[0] == (
-        "Roof shingle removal: A man is sitting on a roof. He",
-        " is using wrap to wrap a pair of skis.",
-    )
-    assert pairs[3][1] == " starts pulling up roofing on a roof." and gold == 3
-    pairs, gold = requests_of("hellaswag", 3243)  # WikiHow: [header], [title], [step], [substeps]
-    assert pairs[0][0].startswith(
-        "Personal Care and Style: How to become a fashion consultant. Obtain your high school diploma or ged. "
-        "This job requires"
-    )
-    assert pairs[3][1] == (
-        "  Earn a bachelor's degree in a fashion-related field. Degrees for the fashion industry include art, "
-        "fashion merchandising, and marketing."
-    )  # the harness's quirk: a removed leading bracket leaves its space
-    assert hellaswag_preprocess(" a [title] b [x]  c ") == "a. b  c"  # one pass of "  " -> " "
-
-
-def test_winogrande_prompt() -> None:
-    pairs, gold = requests_of("winogrande", 0)
-    head = "Sarah was a much better surgeon than Maria so "
-    assert pairs == [
-        (head + "Sarah", " always got the easier cases."),
-        (head + "Maria", " always got the easier cases."),
-    ]
-    assert gold == 1
-
-
-def test_task_names_and_errors() -> None:
-    assert parse_tasks("all") == list(COUNTS)
-    assert parse_tasks("piqa, boolq") == ["boolq", "piqa"]  # table order
-    with pytest.raises(InputError, match=r"unknown task\(s\) \['mmlu'\]"):
-        parse_tasks("piqa,mmlu")
-    with pytest.raises(InputError, match="task piqa: limit"):
-        load_documents("piqa", 0)
-    assert len(load_documents("openbookqa", 7)) == 7
-
-
-def test_evaluate_task_on_a_tiny_model(tiny: Path, tokenizer) -> None:
-    """End to end on real WinoGrande rows (unknown words are w0 for the tiny tokenizer)."""
-    result = evaluate_task(BlockRunner(CheckpointReader(tiny)), tokenizer, "winogrande", limit=6, progress=False)
-    assert (result.documents, result.requests, result.metric, result.acc_norm) == (6, 12, "acc", None)
-    assert result.score == result.acc and result.acc * 6 == round(result.acc * 6)
-    report = EvaluationReport(model="tiny", limit=6, tasks=[result])
-    assert report.as_dict()["zero_shot"]["average"] == result.acc
-    assert "WinoGrande" in report.table() and "1 of the seven tasks" in report.table()
+    expected = [hand_loglikelihood(hf_model, context, continuation) for context, continuation in pairs]
+    assert got.loglikelihood.dtype == torch.float64
+    assert got.loglikelihood.tolist() == pytest.approx(expected, abs=1e-5)
+    assert float(got.loglikelihood[0]) == pytest.approx(
+        float(got.loglikelihood[5]), abs=1e-6
+    )  # one row, two head chunks
+    assert got.rows == 5  # 7 requests, two sharing with others
+    with torch.no_grad():
+        greedy = [
+            hf_model(torch.tensor([c + k[:-1]])).logits[0, len(c) - 1 :].argmax(-1).tolist() == k for c, k in pairs
+        ]
+    assert got.greedy.tolist() == greedy
 
 
 # --- command line -------------------------------------------------------------------------------------
 
 
-def test_cli_perplexity_and_tasks(tiny: Path, hf_model: torch.nn.Module, tmp_path: Path, capsys) -> None:
+def test_cli_perplexity(tiny: Path, hf_model: torch.nn.Module, tmp_path: Path, capsys) -> None:
     corpus = write_word_corpus(tmp_path / "words.txt")
     out = tmp_path / "out.json"
     argv = ["evaluate", str(tiny), "--ppl", str(corpus), "--seq-len", "24", "--max-windows", "3"]
-    argv += ["--tasks", "arc_easy,openbookqa", "--limit", "3", "--json", str(out), "--no-progress"]
-    assert main(argv) == 0
+    assert main([*argv, "--json", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "ARC-e" in printed and "OBQA" in printed and str(corpus) in printed
+    assert str(corpus) in printed and "block loads" in printed
     results = json.loads(out.read_text())
     tokens = AutoTokenizer.from_pretrained(tiny)("\n\n".join(corpus.read_text().split("\n\n")))["input_ids"]
     windows = torch.tensor(tokens[: 3 * 24]).view(3, 24)
     with torch.no_grad():
         expected = math.exp(float(hf_model(windows, labels=windows).loss))
     assert results["perplexity"][str(corpus)]["ppl"] == pytest.approx(expected, rel=1e-6)
-    assert set(results["zero_shot"]["tasks"]) == {"arc_easy", "openbookqa"}
-    assert results["zero_shot"]["limit"] == 3
+    assert results["run"]["block_loads"] == LAYERS  # the blocks fit the default budget: read once
+    assert results["run"]["peak_rss_bytes"] > 0
 
 
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         ([], "nothing to evaluate"),
-        (["--tasks", "arc_e"], r"unknown task\(s\) \['arc_e'\]"),
+        (["--ppl", "CORPUS", "--stride", "0"], "--stride must be >= 1"),
         (["--ppl", "no_such_corpus"], "unknown corpus 'no_such_corpus'"),
         (["--ppl", "CORPUS", "--seq-len", "5000"], "corpus '.*words.txt': the corpus is shorter than one window"),
     ],
@@ -355,33 +206,3 @@ def test_smollm2_perplexity_on_pride_and_prejudice(smollm2: Path) -> None:
     windows = evaluation_windows(AutoTokenizer.from_pretrained(smollm2), novel, 512, 16)
     result = perplexity(BlockRunner(CheckpointReader(smollm2)), windows, progress=False)
     assert result.ppl == pytest.approx(26.8, abs=0.05)
-
-
-# (task, acc, acc_norm, acc_norm_with_space) on the first 200 documents. acc_norm divides by the
-# choice text's characters, as the harness does; acc_norm_with_space divides by the continuation's
-# characters, leading space included, the convention behind the figures in assets.md.
-SMOLLM2_FIRST_200 = [("winogrande", 0.515, None, None), ("openbookqa", 0.170, 0.300, 0.285)]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("name", "acc", "acc_norm", "acc_norm_with_space"), SMOLLM2_FIRST_200)
-def test_smollm2_matches_the_assets_figures(
-    smollm2: Path, name: str, acc: float, acc_norm: float | None, acc_norm_with_space: float | None
-) -> None:
-    """The same 200 documents and the same model as assets.md, so the figures agree to one document
-    (0.005), the allowance for float rounding deciding a near-tie differently on another machine."""
-    documents = load_documents(name, 200)
-    tokenizer = AutoTokenizer.from_pretrained(smollm2)
-    pairs = [(c.context, c.continuation) for doc in documents for c in doc.choices]
-    scores = loglikelihoods(
-        BlockRunner(CheckpointReader(smollm2)), encode_requests(tokenizer, pairs, 8192), progress=False
-    )
-    got_acc, got_norm = choice_scores(documents, scores)
-    assert got_acc == pytest.approx(acc, abs=0.0051)
-    if acc_norm is not None:
-        with_space = [
-            Document(tuple(Choice(c.context, c.continuation, len(c.continuation)) for c in doc.choices), doc.gold)
-            for doc in documents
-        ]
-        assert got_norm == pytest.approx(acc_norm, abs=0.0051)
-        assert choice_scores(with_space, scores)[1] == pytest.approx(acc_norm_with_space, abs=0.0051)

@@ -1,4 +1,4 @@
-"""`slm-fast evaluate MODEL`: perplexity on named corpora and zero-shot accuracy on the seven tasks,
+"""`slm-fast evaluate MODEL`: perplexity on named corpora and lm-evaluation-harness tasks,
 block-streamed (one block in memory at a time when the model does not fit)."""
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate",
-        help="perplexity and zero-shot accuracy of a checkpoint",
+        help="perplexity and lm-evaluation-harness tasks on a checkpoint, block-streamed",
         description=(
-            "Perplexity of consecutive windows of each --ppl corpus, and lm-eval-harness-style zero-shot "
-            "accuracy (acc / acc_norm) on the first --limit validation documents of each task. Blocks "
-            "are read one at a time, so the model need not fit in memory."
+            "Perplexity of windows of each --ppl corpus, and any lm-evaluation-harness log-likelihood task "
+            "(--tasks: names, groups or tags; 'all' = the seven tasks of the layer-pruning papers, which run "
+            "offline from local files) on the first --limit documents. Blocks are read one at a time, so the "
+            "model need not fit in memory. --tasks needs `pip install 'slm-fast[eval]'`."
         ),
     )
     parser.add_argument("model", type=Path, help="Hugging Face checkpoint folder (safetensors)")
@@ -40,13 +41,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per perplexity window (default: 512)")
     parser.add_argument("--max-windows", type=int, default=16, help="windows per corpus, from its start (default: 16)")
     parser.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="sliding windows every STRIDE tokens, each scoring only the tokens past the previous window "
+        "(Hugging Face's protocol; default: non-overlapping windows)",
+    )
+    parser.add_argument(
         "--bos-every-window", action="store_true", help="start every window with BOS (default: the text's own BOS)"
     )
     parser.add_argument(
-        "--tasks", default=None, help="'all' or comma-separated: boolq,piqa,hellaswag,winogrande,arc_easy,..."
+        "--tasks", default=None, help="'all' or comma-separated harness tasks/groups: boolq,piqa,hellaswag,mmlu,..."
     )
     parser.add_argument(
         "--limit", type=_limit, default=200, help="first N documents of each task, or 'all' (default: 200)"
+    )
+    parser.add_argument(
+        "--hub-tasks",
+        action="store_true",
+        help="use the harness's own datasets (network) for the seven tasks too, not the local copies",
+    )
+    parser.add_argument(
+        "--include-path", type=Path, action="append", default=[], help="folder of extra harness task YAMLs"
+    )
+    parser.add_argument(
+        "--add-bos-token",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="BOS on task requests: auto = the tokenizer's default, as the harness's hf model (default: auto)",
     )
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: MODEL)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -75,23 +97,43 @@ def _limit(text: str) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm.auto import tqdm
+    import tempfile
+    import time
 
-    from slm_fast.checkpoint.reader import CheckpointReader
-    from slm_fast.evaluation import EvaluationReport, evaluate_task, parse_tasks, perplexity
-    from slm_fast.runtime.stream import BlockRunner
-
+    started = time.perf_counter()
     if not args.ppl and args.tasks is None:
         raise InputError("nothing to evaluate: give --ppl CORPUS ... and/or --tasks")
     if args.batch_tokens < 1:
         raise InputError(f"--batch-tokens must be >= 1, got {args.batch_tokens}")
+    if args.stride is not None and (args.stride < 1 or args.bos_every_window):
+        raise InputError("--stride must be >= 1 and cannot be combined with --bos-every-window")
     if args.json is not None and not args.json.parent.is_dir():
         raise InputError(f"--json {args.json}: folder {args.json.parent} does not exist")
-    tasks = parse_tasks(args.tasks) if args.tasks is not None else []
+    with tempfile.TemporaryDirectory(prefix="slm_fast_tasks_") as workdir:
+        return _evaluate(args, Path(workdir), started)
+
+
+def _evaluate(args: argparse.Namespace, workdir: Path, started: float) -> int:
+    import time
+
+    import torch
+
+    from slm_fast.checkpoint.reader import CheckpointReader
+    from slm_fast.evaluation import perplexity
+    from slm_fast.evaluation.report import EvaluationReport
+    from slm_fast.runtime.stream import BlockRunner
+
     budget = parse_size(args.memory_budget)
     reader = CheckpointReader(args.model)
     tokenizer = _tokenizer(args.tokenizer or args.model)
+    tasks, lm_eval_version, manager = [], None, None
+    if args.tasks is not None:
+        from slm_fast.evaluation.harness import lm_eval_version as installed_lm_eval
+        from slm_fast.evaluation.harness import parse_tasks, prepare_tasks
+
+        lm_eval_version = installed_lm_eval()  # a clear error now if the extra is missing
+        tasks = parse_tasks(args.tasks)
+        manager = prepare_tasks(tasks, workdir=workdir, local=not args.hub_tasks, include_path=args.include_path)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     # Half the budget keeps blocks resident (a model that fits is read once), half holds hidden states.
     runner = BlockRunner(reader, args.device, dtype, block_budget_bytes=budget // 2)
@@ -102,24 +144,49 @@ def run(args: argparse.Namespace) -> int:
         settings={
             "seq_len": args.seq_len,
             "max_windows": args.max_windows,
+            "stride": args.stride,
             "bos_every_window": args.bos_every_window,
+            "add_bos_token": args.add_bos_token,
+            "task_data": "hub" if args.hub_tasks else "local for the seven tasks",
             "device": str(runner.device),
             "dtype": str(runner.dtype).removeprefix("torch."),
             "memory_budget_bytes": budget,
             "batch_tokens": args.batch_tokens,
             "blocks": reader.num_blocks,
+            "lm_eval_version": lm_eval_version,
         },
     )
     for corpus in args.ppl:
-        windows = _windows(tokenizer, corpus, args.seq_len, args.max_windows, args.bos_every_window)
-        report.perplexity[corpus] = perplexity(runner, windows, desc=f"ppl {corpus}", **streaming)
-    for name in tqdm(tasks, desc="tasks", unit="task", disable=args.no_progress or not tasks):
-        report.tasks.append(evaluate_task(runner, tokenizer, name, limit=args.limit, **streaming))
+        windows = _windows(tokenizer, corpus, args)
+        report.perplexity[corpus] = perplexity(runner, windows, stride=args.stride, desc=f"ppl {corpus}", **streaming)
+    if tasks:
+        from slm_fast.evaluation.harness import evaluate_tasks
+        from slm_fast.evaluation.harness_lm import StreamedLM
+
+        add_bos = {"auto": None, "yes": True, "no": False}[args.add_bos_token]
+        lm = StreamedLM(runner, tokenizer, add_bos_token=add_bos, **streaming)
+        outcome = evaluate_tasks(lm, tasks, limit=args.limit, manager=manager)
+        report.tasks, report.groups = outcome.tasks, outcome.groups
+        report.settings["task_versions"] = outcome.versions
+        report.run |= {"requests": lm.requests_scored, "rows": lm.rows_run, "generated_tokens": lm.generated_tokens}
+    report.run |= {
+        "seconds": time.perf_counter() - started,
+        "block_loads": runner.blocks_loaded,
+        "blocks": reader.num_blocks,
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "lm_eval_version": lm_eval_version,
+    }
     print(report.table())
     if args.json is not None:
         args.json.write_text(json.dumps(report.as_dict(), indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _tokenizer(folder: Path) -> PreTrainedTokenizerBase:
@@ -131,13 +198,17 @@ def _tokenizer(folder: Path) -> PreTrainedTokenizerBase:
         raise InputError(f"{folder}: cannot load a tokenizer ({exc}); point --tokenizer at one") from exc
 
 
-def _windows(
-    tokenizer: PreTrainedTokenizerBase, corpus: str, seq_len: int, max_windows: int, bos_every_window: bool
-) -> torch.Tensor:
-    from slm_fast.data import evaluation_windows, load_corpus
+def _windows(tokenizer: PreTrainedTokenizerBase, corpus: str, args: argparse.Namespace) -> torch.Tensor:
+    from slm_fast.data import DOCUMENT_SEPARATOR, evaluation_windows, load_corpus
+    from slm_fast.evaluation import strided_windows
 
     documents = load_corpus(corpus)
     try:
-        return evaluation_windows(tokenizer, documents, seq_len, max_windows, bos_every_window=bos_every_window)
+        if args.stride is None:
+            return evaluation_windows(
+                tokenizer, documents, args.seq_len, args.max_windows, bos_every_window=args.bos_every_window
+            )
+        ids = tokenizer(DOCUMENT_SEPARATOR.join(documents), verbose=False)["input_ids"]
+        return strided_windows(ids, args.seq_len, args.stride, args.max_windows)
     except InputError as exc:
         raise InputError(f"corpus {corpus!r}: {exc}") from exc

@@ -1,17 +1,15 @@
-"""Log-likelihoods of (context, continuation) requests, tokenized and batched like lm-eval-harness
-(v0.4, `HFLM`) and scored block-streamed.
+"""Log-likelihoods of tokenized (context, continuation) requests, scored block-streamed.
 
-Tokenization: the context's trailing whitespace moves to the front of the continuation; the
-concatenation is encoded once (no special tokens) and split at the context's own token count, so the
-continuation tokens are those the model sees after that context. The model reads all tokens but the
-last (left-truncated to `max_length`) and the last len(continuation) positions are scored.
+The harness hands over `context_enc` and `continuation_enc`; as its `HFLM` does, the model reads
+(context_enc + continuation_enc) left-truncated to `max_length` + 1 tokens, minus the last, and the
+last len(continuation_enc) positions are scored. All requests of a run are scored together, so each
+block is read once per group of batches (see `streaming`), not once per request.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -19,9 +17,6 @@ from torch import Tensor
 from slm_fast.errors import InputError
 from slm_fast.evaluation.streaming import stream_batches, target_log_probs
 from slm_fast.runtime.stream import BlockRunner
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -37,29 +32,21 @@ class TokenRequest:
         return self.tokens[:-1]
 
 
-def split_trailing_space(context: str, continuation: str) -> tuple[str, str]:
-    stripped = context.rstrip()
-    return stripped, context[len(stripped) :] + continuation
+def token_request(context: Sequence[int], continuation: Sequence[int], max_length: int) -> TokenRequest:
+    """The request the harness's HFLM scores for these encodings (left-truncated to `max_length` + 1)."""
+    if not context or not continuation or len(continuation) > max_length:
+        raise InputError(
+            f"a request has {len(context)} context and {len(continuation)} continuation tokens "
+            f"(need >= 1 and 1..{max_length})"
+        )
+    return TokenRequest(tuple([*context, *continuation][-(max_length + 1) :]), len(continuation))
 
 
-def encode_requests(
-    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]], max_length: int
-) -> list[TokenRequest]:
-    """TokenRequests for (context, continuation) pairs, encoded as the harness's `_encode_pair`."""
-    moved = [split_trailing_space(context, continuation) for context, continuation in pairs]
-    if any(not context for context, _ in moved):
-        raise InputError("a request has an empty context (nothing to condition the first token on)")
-    wholes = tokenizer([c + k for c, k in moved], add_special_tokens=False, verbose=False)["input_ids"]
-    contexts = tokenizer([c for c, _ in moved], add_special_tokens=False, verbose=False)["input_ids"]
-    requests = []
-    for whole, context, (text, continuation) in zip(wholes, contexts, moved, strict=True):
-        length = len(whole) - len(context)
-        if length < 1 or length > max_length:
-            raise InputError(
-                f"continuation {continuation!r} after {text[-40:]!r} has {length} tokens (need 1..{max_length})"
-            )
-        requests.append(TokenRequest(tuple(whole[-(max_length + 1) :]), length))
-    return requests
+@dataclass(frozen=True)
+class Scores:
+    loglikelihood: Tensor  # float64 [requests]: summed log-probability of each continuation
+    greedy: Tensor  # bool [requests]: every continuation token is the argmax of its position
+    rows: int  # distinct input rows run through the blocks (requests sharing inputs share a row)
 
 
 def loglikelihoods(
@@ -71,8 +58,8 @@ def loglikelihoods(
     head_rows: int = 512,
     progress: bool = True,
     desc: str = "scoring",
-) -> Tensor:
-    """Summed continuation log-probabilities (float64 [len(requests)]) of every request.
+) -> Scores:
+    """Score every request.
 
     Requests with the same input tokens share one row (the harness's trick for single-token answers
     such as BoolQ's " no"/" yes"). Rows are sorted by length, longest first, and right-padded into
@@ -81,9 +68,10 @@ def loglikelihoods(
     scored_on: dict[tuple[int, ...], list[int]] = {}  # input row -> the requests it serves
     for number, request in enumerate(requests):
         scored_on.setdefault(request.inputs, []).append(number)
-    batches = _pack(sorted(scored_on, key=len, reverse=True), batch_tokens)
+    batches = pack_rows(sorted(scored_on, key=len, reverse=True), batch_tokens)
     totals = torch.zeros(len(requests), dtype=torch.float64)
-    ids = [_padded(batch) for batch in batches]
+    misses = torch.zeros(len(requests), dtype=torch.long)  # continuation tokens that are not the argmax
+    ids = [padded_ids(batch) for batch in batches]
     for index, hidden in stream_batches(runner, ids, hidden_budget_bytes, desc=desc, progress=progress):
         batch_rows, positions, targets, owners = [], [], [], []
         for slot, row in enumerate(batches[index]):
@@ -95,12 +83,14 @@ def loglikelihoods(
                 targets += request.tokens[-count:]
                 owners += [number] * count
         picked = hidden[torch.tensor(batch_rows), torch.tensor(positions)]
-        log_probs = target_log_probs(runner, picked, torch.tensor(targets), head_rows)
-        totals.index_add_(0, torch.tensor(owners), log_probs)
-    return totals
+        log_probs, greedy = target_log_probs(runner, picked, torch.tensor(targets), head_rows)
+        owner_ids = torch.tensor(owners)
+        totals.index_add_(0, owner_ids, log_probs)
+        misses.index_add_(0, owner_ids, (~greedy).long())
+    return Scores(totals, misses == 0, len(scored_on))
 
 
-def _pack(rows: list[tuple[int, ...]], batch_tokens: int) -> list[list[tuple[int, ...]]]:
+def pack_rows(rows: list[tuple[int, ...]], batch_tokens: int) -> list[list[tuple[int, ...]]]:
     """Rows sorted longest first -> consecutive batches whose padded size (count x longest) stays
     within `batch_tokens`."""
     batches: list[list[tuple[int, ...]]] = []
@@ -112,7 +102,7 @@ def _pack(rows: list[tuple[int, ...]], batch_tokens: int) -> list[list[tuple[int
     return batches
 
 
-def _padded(batch: list[tuple[int, ...]]) -> Tensor:
+def padded_ids(batch: list[tuple[int, ...]]) -> Tensor:
     """Right-padded token ids; the padding id (0) is arbitrary, its positions are never scored."""
     out = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)
     for slot, row in enumerate(batch):

@@ -63,14 +63,16 @@ def stream_batches(
 
 
 @torch.inference_mode()
-def target_log_probs(runner: BlockRunner, rows: Tensor, targets: Tensor, head_rows: int) -> Tensor:
-    """log p(targets[n] | rows[n]) in float64 for last-block outputs `rows` [N, d]: final norm, head
-    and a float32 log-softmax, `head_rows` rows at a time."""
+def target_log_probs(runner: BlockRunner, rows: Tensor, targets: Tensor, head_rows: int) -> tuple[Tensor, Tensor]:
+    """(log p(targets[n] | rows[n]) in float64, whether targets[n] is the argmax) for last-block outputs
+    `rows` [N, d]: final norm, head and a float32 log-softmax, `head_rows` rows at a time."""
     out = torch.empty(rows.shape[0], dtype=torch.float64)
+    greedy = torch.empty(rows.shape[0], dtype=torch.bool)
     targets = targets.to(runner.device)
     for start in range(0, rows.shape[0], head_rows):
         stop = start + head_rows
         logits = runner.logits(runner.final_norm(rows[start:stop])).float()
         picked = logits.gather(1, targets[start:stop, None]).squeeze(1) - logits.logsumexp(dim=1)
         out[start:stop] = picked.double().cpu()
-    return out
+        greedy[start:stop] = (logits.argmax(dim=1) == targets[start:stop]).cpu()
+    return out, greedy
