@@ -134,6 +134,22 @@ def export_merged_checkpoint(
     return result
 
 
+def output_nbytes(reader: CheckpointReader, blocks_removed: int = 0, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the tensors written when `blocks_removed` blocks are merged away or dropped (every
+    block of a supported architecture holds the same tensors), stored in `dtype` (None: as now)."""
+
+    def nbytes(names: list[str]) -> int:
+        total = 0
+        for name in names:
+            entry = reader.entry(name)
+            itemsize = torch.empty((), dtype=dtype).element_size() if dtype and entry.dtype.is_floating_point else None
+            total += entry.nbytes if itemsize is None else itemsize * _numel(entry.shape)
+        return total
+
+    block = nbytes([reader.full_name(0, n) for n in reader.block_tensor_names(0)])
+    return nbytes(reader.other_names) + (reader.num_blocks - blocks_removed) * block
+
+
 def _layout(reader: CheckpointReader, plan: list[Window], dtype: torch.dtype | None) -> list[TensorSpec]:
     """Embedding first, then the output blocks in order, then the other non-block tensors."""
 

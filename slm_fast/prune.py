@@ -20,11 +20,13 @@ from tqdm.auto import tqdm
 
 from slm_fast import baselines
 from slm_fast.baselines import LACO_RULE, METHODS
+from slm_fast.checkpoint.locate import load_tokenizer, resolve_model
 from slm_fast.checkpoint.reader import CheckpointReader
-from slm_fast.checkpoint.staging import check_output_location
+from slm_fast.checkpoint.staging import check_output_location, ensure_free_space
 from slm_fast.criteria import check_criterion
+from slm_fast.devices import check_device
 from slm_fast.errors import InputError
-from slm_fast.export import export_merged_checkpoint
+from slm_fast.export import export_merged_checkpoint, output_nbytes
 from slm_fast.merge import check_rule
 from slm_fast.runtime.cache import HiddenStateCache
 from slm_fast.runtime.stream import BlockRunner, calibrate
@@ -35,8 +37,13 @@ REPORT_NAME = "slm_report.json"
 THRESHOLD_METHODS = ("slm", "laco")
 SEARCHES = ("best-first", "sliding")
 # What the reference code fixes (slm_reference.md sections 1-3); `--preset reference` applies them all.
+# The calibration corpus is not among them: the reference's sampler runs on the corpus chosen.
 REFERENCE_PRESET = dict(
     criterion="cosine", rule="keep_high_norms_low", n_samples=10, seq_len=128, seed=1234, search="sliding"
+)
+# The command-line flag of each option, for error messages.
+OPTION_FLAGS = dict(
+    criterion="--criterion", rule="--rule", n_samples="--samples", seq_len="--seq-len", seed="--seed", search="--search"
 )
 
 
@@ -52,7 +59,8 @@ class PruneOptions:
     laco_interval: int = 1  # LaCo's INTERVAL
     criterion: str = "cosine"
     rule: str = "keep_high"
-    calib: str = "austen:emma"  # novels, like the reference's BookCorpus; P&P stays held out
+    calib: str = "austen:emma"  # shipped with the package; novels, like the reference's BookCorpus; P&P held out
+    calib_field: str = "text"  # the text field of .jsonl / .parquet / datasets sources
     n_samples: int = 10
     seq_len: int = 128
     seed: int = 1234
@@ -66,6 +74,9 @@ class PruneOptions:
     out_dtype: str | None = None  # None keeps the source dtype
     overwrite: bool = False
     progress: bool = True
+    # The option names the caller set explicitly (the CLI fills it); None: those that differ from the
+    # defaults. Only used to refuse options that --preset reference would override.
+    explicit: frozenset[str] | None = None
 
     @property
     def merge_rule(self) -> str:
@@ -84,6 +95,8 @@ class PruneOptions:
             raise InputError(f"unknown search {self.search!r}; choose one of: {', '.join(SEARCHES)}")
         if self.preset == "reference" and self.method != "slm":
             raise InputError(f"--preset reference applies to --method slm, not {self.method}")
+        if self.preset == "reference":
+            self._check_reference_overrides()
         if self.threshold is not None and self.method not in THRESHOLD_METHODS:
             raise InputError(f"--method {self.method} ranks blocks: give --remove or --ratio, not --threshold")
         if self.remove is not None and self.remove < 0:
@@ -92,9 +105,40 @@ class PruneOptions:
             raise InputError(f"--ratio must be in [0, 1), got {self.ratio}")
         if self.speculate < 1:
             raise InputError(f"--speculate must be >= 1, got {self.speculate}")
+        if self.n_samples < 1 or self.seq_len < 2:
+            raise InputError(f"need --samples >= 1 and --seq-len >= 2, got {self.n_samples} and {self.seq_len}")
         check_criterion(self.criterion)
         check_rule(self.rule)
+        check_device(self.device)
         return self
+
+    def _check_reference_overrides(self) -> None:
+        """--preset reference fixes REFERENCE_PRESET's options: refuse any given with another value."""
+        defaults = PruneOptions()
+        given = self.explicit
+        if given is None:
+            given = {name for name in REFERENCE_PRESET if getattr(self, name) != getattr(defaults, name)}
+        conflicts = [
+            f"{OPTION_FLAGS[name]} {getattr(self, name)}"
+            for name in REFERENCE_PRESET
+            if name in given and getattr(self, name) != REFERENCE_PRESET[name]
+        ]
+        if conflicts:
+            fixed = ", ".join(f"{OPTION_FLAGS[k]} {v}" for k, v in REFERENCE_PRESET.items())
+            raise InputError(
+                f"--preset reference fixes {fixed}; it would override {', '.join(conflicts)}: "
+                "drop them, or leave out --preset reference"
+            )
+
+    def max_removable(self, num_blocks: int) -> int:
+        """The most blocks this method can remove from `num_blocks` given the protected blocks: SLM
+        merges only the unprotected blocks (a window of m of them removes m - 1), and the reference
+        never merges its top block nor starts a window at block 0; the baselines keep one block."""
+        if self.method != "slm":
+            return num_blocks - 1
+        if self.preset == "reference":
+            return max(0, num_blocks - 3)
+        return max(0, num_blocks - self.protect_top - self.protect_bottom - 1)
 
 
 @dataclass
@@ -124,13 +168,18 @@ class PruneReport:
 
 
 def prune(source: str | Path, output: str | Path, options: PruneOptions) -> PruneReport:
+    """Prune `source` (a checkpoint folder or a cached Hub id) into `output`. Every check that can
+    fail (options, checkpoint, target, disk space) runs before calibration."""
     started = time.perf_counter()
+    options.validated()
     if options.preset == "reference":
         options = dataclasses.replace(options, **REFERENCE_PRESET)
-    options.validated()
-    reader = CheckpointReader(source)
+    reader = CheckpointReader(resolve_model(source))
     output = Path(output)
     check_output_location(reader.folder, output, overwrite=options.overwrite)
+    removed = _check_target(reader, options)
+    out_dtype = None if options.out_dtype is None else getattr(torch, options.out_dtype)
+    ensure_free_space(output, output_nbytes(reader, removed, out_dtype))
     timings: dict[str, float] = {}
 
     tick = time.perf_counter()
@@ -160,7 +209,7 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
         selection.windows,
         dropped=selection.dropped,
         rule=selection.rule,
-        dtype=None if options.out_dtype is None else getattr(torch, options.out_dtype),
+        dtype=out_dtype,
         max_shard_bytes=options.shard_size,
         overwrite=options.overwrite,
         progress=options.progress,
@@ -189,13 +238,38 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
 
 
 def calibration_ids(folder: Path, options: PruneOptions) -> torch.Tensor:
-    from transformers import AutoTokenizer
+    """The calibration tokens: packed from the corpus (see pack_calibration), or under
+    `--preset reference` drawn as the reference draws them (sample_calibration)."""
+    from slm_fast.data import load_corpus, pack_calibration, sample_calibration
 
-    from slm_fast.data import load_corpus, sample_calibration
+    tokenizer = load_tokenizer(folder)
+    corpus = load_corpus(options.calib, field=options.calib_field)
+    sampler = sample_calibration if options.preset == "reference" else pack_calibration
+    return sampler(tokenizer, corpus, options.n_samples, options.seq_len, options.seed)
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    corpus = load_corpus(options.calib)
-    return sample_calibration(tokenizer, corpus, options.n_samples, options.seq_len, options.seed)
+
+def _check_target(reader: CheckpointReader, options: PruneOptions) -> int:
+    """The number of blocks the target removes (0 for a threshold: the output may keep every block);
+    InputError when the model cannot meet it."""
+    if options.threshold is not None:
+        return 0
+    target = _target_blocks(reader, options)
+    limit = options.max_removable(reader.num_blocks)
+    if target > limit:
+        asked = (
+            f"--remove {options.remove}" if options.remove is not None else f"--ratio {options.ratio} ({target} blocks)"
+        )
+        protected = ""
+        if options.method == "slm":
+            protected = (
+                " (the reference never merges the top block nor starts a window at block 0)"
+                if options.preset == "reference"
+                else f" with --protect-top {options.protect_top} and --protect-bottom {options.protect_bottom}"
+            )
+        raise InputError(
+            f"{asked}: {options.method} can remove at most {limit} of the {reader.num_blocks} blocks{protected}"
+        )
+    return target
 
 
 def _runtime(reader: CheckpointReader, options: PruneOptions, input_ids: torch.Tensor):
@@ -302,7 +376,7 @@ def _report_json(reader, options, input_ids, selection: Selection, scorer: Candi
     return {
         "source": str(reader.folder.resolve()),
         "method": options.method,
-        "options": asdict(options),
+        "options": asdict(options) | {"explicit": None if options.explicit is None else sorted(options.explicit)},
         "windows": [list(w) for w in sorted(selection.windows)],
         "dropped": selection.dropped,
         "rule": selection.rule,
@@ -310,6 +384,9 @@ def _report_json(reader, options, input_ids, selection: Selection, scorer: Candi
         **selection.details,
         "calibration": {
             "corpus": options.calib,
+            "sampling": "reference (random windows of whole documents)"
+            if options.preset == "reference"
+            else "packed (shuffled documents joined by EOS, cut into samples)",
             "n_samples": options.n_samples,
             "seq_len": options.seq_len,
             "seed": options.seed,

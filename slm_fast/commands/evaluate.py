@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from slm_fast.checkpoint.writer import parse_size
+from slm_fast.commands.prune import MODEL_HELP
 from slm_fast.errors import InputError
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "are read one at a time, so the model need not fit in memory."
         ),
     )
-    parser.add_argument("model", type=Path, help="Hugging Face checkpoint folder (safetensors)")
+    parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument(
         "--ppl",
         nargs="+",
@@ -48,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--limit", type=_limit, default=200, help="first N documents of each task, or 'all' (default: 200)"
     )
-    parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: MODEL)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or cached Hub id (default: MODEL's)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="compute dtype (default: checkpoint's)")
     parser.add_argument(
@@ -78,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from slm_fast.checkpoint.locate import resolve_model
     from slm_fast.checkpoint.reader import CheckpointReader
+    from slm_fast.devices import check_device
     from slm_fast.evaluation import EvaluationReport, evaluate_task, parse_tasks, perplexity
     from slm_fast.runtime.stream import BlockRunner
 
@@ -90,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--json {args.json}: folder {args.json.parent} does not exist")
     tasks = parse_tasks(args.tasks) if args.tasks is not None else []
     budget = parse_size(args.memory_budget)
+    check_device(args.device)
     reader = CheckpointReader(args.model)
-    tokenizer = _tokenizer(args.tokenizer or args.model)
+    tokenizer = _tokenizer(resolve_model(args.tokenizer) if args.tokenizer else reader.folder)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     # Half the budget keeps blocks resident (a model that fits is read once), half holds hidden states.
     runner = BlockRunner(reader, args.device, dtype, block_budget_bytes=budget // 2)

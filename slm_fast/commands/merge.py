@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from slm_fast.checkpoint.writer import parse_size
+from slm_fast.commands.prune import MODEL_HELP
 from slm_fast.export import export_merged_checkpoint
 from slm_fast.merge import RULES
 from slm_fast.windows import parse_windows
@@ -22,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "remaining blocks are renumbered. Reads and writes one block at a time."
         ),
     )
-    parser.add_argument("source", type=Path, help="Hugging Face checkpoint folder (safetensors)")
+    parser.add_argument("source", help=MODEL_HELP)
     parser.add_argument("output", type=Path, help="output folder (written atomically)")
     parser.add_argument("--windows", required=True, help="comma-separated inclusive ranges, e.g. 20-23,10-12")
     parser.add_argument("--rule", choices=RULES, default="keep_high", help="merge rule (default: keep_high)")
