@@ -164,7 +164,11 @@ def test_save_to_disk_folders(tmp_path: Path) -> None:
 
 def test_dataset_spec_parsing() -> None:
     assert parse_dataset_spec("org/name") == ("org/name", None, "train")
-    assert parse_dataset_spec("wikitext:wikitext-2-raw-v1:validation") == ("wikitext", "wikitext-2-raw-v1", "validation")
+    assert parse_dataset_spec("wikitext:wikitext-2-raw-v1:validation") == (
+        "wikitext",
+        "wikitext-2-raw-v1",
+        "validation",
+    )
     assert parse_dataset_spec("org/name::test") == ("org/name", None, "test")
     with pytest.raises(InputError, match="NAME\\[:CONFIG\\]\\[:SPLIT\\]"):
         parse_dataset_spec("a:b:c:d")
@@ -172,8 +176,7 @@ def test_dataset_spec_parsing() -> None:
 
 @pytest.fixture
 def offline_datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A datasets cache holding `tinytext` (train and test splits) as load_dataset caches a dataset,
-    with the library switched to offline mode."""
+    """A datasets cache holding `tinytext` (train and test splits) as load_dataset caches a dataset."""
     import datasets
 
     source = tmp_path / "src" / "tinytext"
@@ -182,8 +185,6 @@ def offline_datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> P
     (source / "test.jsonl").write_text(json.dumps({"text": "held out"}) + "\n")
     cache = tmp_path / "hf_datasets"
     datasets.load_dataset(str(source), cache_dir=str(cache))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     return cache
 
@@ -196,5 +197,7 @@ def test_dataset_spec_from_the_offline_cache(offline_datasets_cache: Path) -> No
 
 
 def test_a_dataset_not_in_the_cache_is_named(offline_datasets_cache: Path) -> None:
-    with pytest.raises(InputError, match=r"calibration dataset 'someorg/absent:en' could not be loaded \(HF_DATASETS"):
+    with pytest.raises(
+        InputError, match=r"dataset 'someorg/absent:en' could not be loaded from the local datasets cache"
+    ):
         load_corpus("someorg/absent:en")

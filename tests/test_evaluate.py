@@ -320,7 +320,7 @@ def test_cli_perplexity_and_tasks(tiny: Path, hf_model: torch.nn.Module, tmp_pat
     [
         ([], "nothing to evaluate"),
         (["--tasks", "arc_e"], r"unknown task\(s\) \['arc_e'\]"),
-        (["--ppl", "no_such_corpus"], "unknown corpus 'no_such_corpus'"),
+        (["--ppl", "no_such_corpus"], "dataset 'no_such_corpus' could not be loaded from the local datasets cache"),
         (["--ppl", "CORPUS", "--seq-len", "5000"], "corpus '.*words.txt': the corpus is shorter than one window"),
     ],
 )

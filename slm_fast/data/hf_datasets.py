@@ -1,9 +1,12 @@
 """Calibration text from the `datasets` library: a folder written by `save_to_disk`, or a dataset spec
-`NAME[:CONFIG][:SPLIT]` loaded with `load_dataset` (from the local cache when HF_DATASETS_OFFLINE=1 or
-the network is unavailable). The split defaults to `train`."""
+`NAME[:CONFIG][:SPLIT]` loaded with `load_dataset` from the local datasets cache only (offline mode, as
+with HF_DATASETS_OFFLINE=1, whatever the environment says: like models given as Hub ids, nothing is
+downloaded during a run). The split defaults to `train`."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from slm_fast.data.user_files import string_column
@@ -47,14 +50,27 @@ def read_dataset_spec(spec: str, field: str = "text") -> list[str]:
 
     name, config, split = parse_dataset_spec(spec)
     try:
-        loaded = datasets.load_dataset(name, config)
+        with _offline(datasets.config):
+            loaded = datasets.load_dataset(name, config)
     except Exception as exc:  # datasets raises many types (DatasetNotFoundError, ConnectionError, ValueError...)
-        offline = " (HF_DATASETS_OFFLINE=1: only the local cache is searched)" if datasets.config.HF_HUB_OFFLINE else ""
         raise InputError(
-            f"calibration dataset {spec!r} could not be loaded{offline}: {type(exc).__name__}: {exc}. "
-            "Give a cached dataset NAME[:CONFIG][:SPLIT], a save_to_disk folder, or a .txt/.jsonl/.parquet file"
+            f"calibration dataset {spec!r} could not be loaded from the local datasets cache "
+            f"({datasets.config.HF_DATASETS_CACHE}; offline, as with HF_DATASETS_OFFLINE=1): "
+            f"{type(exc).__name__}: {exc}. Load it once where the Hub is reachable (datasets.load_dataset), or give "
+            "a save_to_disk folder or a .txt/.jsonl/.parquet file"
         ) from exc
     return _documents(_split(loaded, split, spec), field, spec)
+
+
+@contextlib.contextmanager
+def _offline(config) -> Iterator[None]:
+    """datasets in offline mode for one call (it reads the flag from its config module at call time)."""
+    saved = config.HF_HUB_OFFLINE, config.HF_DATASETS_OFFLINE
+    config.HF_HUB_OFFLINE = config.HF_DATASETS_OFFLINE = True
+    try:
+        yield
+    finally:
+        config.HF_HUB_OFFLINE, config.HF_DATASETS_OFFLINE = saved
 
 
 def _split(loaded, split: str, source: str):
