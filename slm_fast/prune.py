@@ -27,7 +27,7 @@ from slm_fast.criteria import check_criterion
 from slm_fast.devices import check_device
 from slm_fast.errors import InputError
 from slm_fast.export import export_merged_checkpoint, output_nbytes
-from slm_fast.merge import check_rule
+from slm_fast.merge import check_rule, settings_block
 from slm_fast.runtime.cache import HiddenStateCache
 from slm_fast.runtime.stream import BlockRunner, calibrate
 from slm_fast.slm import CandidateScorer, SearchResult, best_first_search, search_threshold, sliding_search
@@ -59,6 +59,7 @@ class PruneOptions:
     laco_interval: int = 1  # LaCo's INTERVAL
     criterion: str = "cosine"
     rule: str = "keep_high"
+    average_settings: str = "low"  # per-layer settings of a window merged by mean/sum/rdsc: low or high block
     calib: str = "austen:emma"  # shipped with the package; novels, like the reference's BookCorpus; P&P held out
     calib_field: str = "text"  # the text field of .jsonl / .parquet / datasets sources
     n_samples: int = 10
@@ -109,6 +110,7 @@ class PruneOptions:
             raise InputError(f"need --samples >= 1 and --seq-len >= 2, got {self.n_samples} and {self.seq_len}")
         check_criterion(self.criterion)
         check_rule(self.rule)
+        settings_block(0, 1, self.rule, self.average_settings)  # validates average_settings
         check_device(self.device)
         return self
 
@@ -209,6 +211,7 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
         selection.windows,
         dropped=selection.dropped,
         rule=selection.rule,
+        average_settings=options.average_settings,
         dtype=out_dtype,
         max_shard_bytes=options.shard_size,
         overwrite=options.overwrite,
@@ -274,7 +277,7 @@ def _check_target(reader: CheckpointReader, options: PruneOptions) -> int:
 
 def _runtime(reader: CheckpointReader, options: PruneOptions, input_ids: torch.Tensor):
     dtype = None if options.dtype is None else getattr(torch, options.dtype)
-    runner = BlockRunner(reader, options.device, dtype)
+    runner = BlockRunner(reader, options.device, dtype, average_settings=options.average_settings)
     hidden_bytes = (reader.num_blocks + 1) * input_ids.numel() * reader.config["hidden_size"] * runner.dtype.itemsize
     on_gpu = runner.device.type == "cuda"
     cache = HiddenStateCache(

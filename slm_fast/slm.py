@@ -103,7 +103,7 @@ class CandidateScorer:
         above = self._above(committed, hi)
         todo = [w for w in dict.fromkeys(windows) if (above, w) not in self.scores]
         if todo:
-            starts = [self.runner.apply(self.runner.block(w, self.rule), w[0], self.cache.get(w[0])) for w in todo]
+            starts = [self.runner.run_window(w, self.rule, self.cache.get(w[0])) for w in todo]
             hidden = self._run_above(torch.cat(starts), hi + 1, above)
             outputs = self.runner.final_norm(hidden).split(self.reference.shape[0])
             for window, output in zip(todo, outputs, strict=True):
@@ -134,7 +134,7 @@ class CandidateScorer:
                         groups.setdefault(todo[index][cursor[index]], []).append(index)
                 for window, members in groups.items():
                     batch = torch.cat([hidden[i] for i in members])
-                    outputs = self.runner.apply(self.runner.block(window, self.rule), block, batch)
+                    outputs = self.runner.run_window(window, self.rule, batch)
                     for i, output in zip(members, outputs.split(self.reference.shape[0]), strict=True):
                         hidden[i] = output
                         cursor[i] += 1
@@ -158,7 +158,7 @@ class CandidateScorer:
         block = start
         while block < self.runner.num_blocks:
             hi = tops.get(block, block)
-            hidden = self.runner.apply(self.runner.block((block, hi), self.rule), block, hidden)
+            hidden = self.runner.run_window((block, hi), self.rule, hidden)
             block = hi + 1
         return hidden
 

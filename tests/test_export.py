@@ -18,24 +18,29 @@ from slm_fast.windows import output_blocks
 TOKENS = torch.tensor([[3, 17, 99, 5, 42, 8, 77, 1, 64, 12, 30, 2]])
 
 
-def merge_in_memory(model, windows, rule):
-    """The oracle: merge parameters with the numpy rules and drop modules on the loaded model."""
+def merge_in_memory(model, windows, rule, settings=None):
+    """The oracle: merge parameters with the numpy rules and drop modules on the loaded model. Each
+    merged window keeps the module (so the per-layer settings) of `settings(lo, hi)`, by default the
+    block whose weights dominate as the issue states it: hi for keep_high(_norms_low), else lo."""
+    settings = settings or (lambda lo, hi: hi if rule in ("keep_high", "keep_high_norms_low") else lo)
     layers = model.model.layers
     plan = output_blocks(windows, len(layers))
-    kept = []
+    kept, sources = [], []
     for lo, hi in plan:
         window = [{n: p.detach().double().numpy() for n, p in layers[k].named_parameters()} for k in range(lo, hi + 1)]
         merged = numpy_oracle(window, rule)
+        source = settings(lo, hi)
         with torch.no_grad():
-            for name, param in layers[lo].named_parameters():
+            for name, param in layers[source].named_parameters():
                 param.copy_(torch.from_numpy(np.asarray(merged[name])).to(param.dtype))
-        kept.append(layers[lo])
+        kept.append(layers[source])
+        sources.append(source)
     model.model.layers = torch.nn.ModuleList(kept)
     for position, layer in enumerate(kept):
         layer.self_attn.layer_idx = position
     model.config.num_hidden_layers = len(kept)
     if getattr(model.config, "layer_types", None):
-        model.config.layer_types = [model.config.layer_types[lo] for lo, _ in plan]
+        model.config.layer_types = [model.config.layer_types[s] for s in sources]
     return model
 
 

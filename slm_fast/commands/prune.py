@@ -8,7 +8,7 @@ from pathlib import Path
 from slm_fast.baselines import METHODS
 from slm_fast.checkpoint.writer import parse_size
 from slm_fast.criteria import CRITERIA
-from slm_fast.merge import RULES
+from slm_fast.merge import AVERAGE_SETTINGS, RULES
 from slm_fast.prune import SEARCHES, PruneOptions, prune
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -22,6 +22,10 @@ PRESET_OPTIONS = {
     "seed": "seed",
     "search": "search",
 }
+AVERAGE_HELP = (
+    "per-layer settings (attention type, sliding window, RoPE) of a window merged by mean/sum/rdsc: its "
+    "low (default) or high block's; keep_high and keep_high_norms_low take the high block's, keep_low the low's"
+)
 MODEL_HELP = "checkpoint folder (safetensors), or a Hub id org/name[@revision] from the local Hugging Face cache"
 CALIB_HELP = (
     "calibration text: austen:emma (the default, shipped with the package), another corpus name, a .txt "
@@ -71,6 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--laco-interval", type=int, default=defaults.laco_interval, help="LaCo's INTERVAL")
     parser.add_argument("--criterion", choices=CRITERIA, default=None, help=f"default {defaults.criterion}")
     parser.add_argument("--rule", choices=RULES, default=None, help=f"merge rule (default {defaults.rule})")
+    parser.add_argument(
+        "--average-settings", choices=AVERAGE_SETTINGS, default=defaults.average_settings, help=AVERAGE_HELP
+    )
     parser.add_argument("--calib", default=defaults.calib, help=CALIB_HELP)
     parser.add_argument(
         "--calib-field", default=defaults.calib_field, help="text field of .jsonl/.parquet/datasets calibration"
@@ -110,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method,
         laco_merge_layers=args.laco_merge_layers,
         laco_interval=args.laco_interval,
+        average_settings=args.average_settings,
         calib=args.calib,
         calib_field=args.calib_field,
         protect_top=args.protect_top,

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from slm_fast.checkpoint.reader import CheckpointReader
-from slm_fast.merge import merge_window
+from slm_fast.merge import merge_window, settings_block
 from slm_fast.runtime.blocks import ModelParts
 from slm_fast.runtime.cache import HiddenStateCache
 from slm_fast.windows import Window
@@ -34,6 +34,8 @@ class BlockRunner:
 
     micro_batch: sequences per block call (bounds activation memory; None = all at once).
     block_budget_bytes: bytes of blocks (original or merged) kept resident for reuse (0 = rebuild every time).
+    average_settings: whose per-layer settings a window merged by an averaging rule takes (see
+    slm_fast.merge.settings_block).
     """
 
     def __init__(
@@ -43,12 +45,14 @@ class BlockRunner:
         dtype: torch.dtype | None = None,
         micro_batch: int | None = None,
         block_budget_bytes: int = 0,
+        average_settings: str = "low",
     ):
         self.reader = reader
         self.parts = ModelParts(reader, device, dtype)
         self.device, self.dtype = self.parts.device, self.parts.dtype
         self.micro_batch = micro_batch
         self.block_budget_bytes = block_budget_bytes
+        self.average_settings = average_settings
         self._resident: OrderedDict[tuple[int, int, str], nn.Module] = OrderedDict()
         self._resident_bytes = 0
         self.blocks_loaded = 0  # source blocks read from the checkpoint so far
@@ -93,10 +97,20 @@ class BlockRunner:
         return self.parts.logits(normed)
 
     # -- blocks ------------------------------------------------------------------------------------
+    def settings_index(self, window: Window, rule: str = "keep_high") -> int:
+        """The source block whose per-layer settings the block for `window` has (see run_window)."""
+        return settings_block(*window, rule, self.average_settings)
+
+    def run_window(self, window: Window, rule: str, hidden: Tensor) -> Tensor:
+        """Apply the block for source window [lo, hi] (merged by `rule` unless lo == hi) with its
+        per-layer settings (attention mask, rotary embeddings) to hidden [B, S, d]."""
+        return self.apply(self.block(window, rule), self.settings_index(window, rule), hidden)
+
     def block(self, window: Window, rule: str = "keep_high") -> nn.Module:
         """The block for source window [lo, hi]: the original block when lo == hi, else the window
-        merged by `rule`. Blocks are kept resident (least recently used first out) while their bytes
-        fit the budget; otherwise they are rebuilt from the reader when asked for again."""
+        merged by `rule`, built with the per-layer settings of settings_index(window, rule). Blocks
+        are kept resident (least recently used first out) while their bytes fit the budget; otherwise
+        they are rebuilt from the reader when asked for again."""
         key = (*window, rule if window[0] != window[1] else "")
         if key in self._resident:
             self._resident.move_to_end(key)
@@ -106,7 +120,7 @@ class BlockRunner:
             tensors = self._read_block(lo)
         else:
             tensors = merge_window(self._read_block, lo, hi, rule, is_projection=self.reader.arch.is_projection)
-        block = self.parts.block(tensors, lo)
+        block = self.parts.block(tensors, self.settings_index(window, rule))
         size = _module_nbytes(block)
         if size <= self.block_budget_bytes:
             while self._resident and self._resident_bytes + size > self.block_budget_bytes:
