@@ -163,3 +163,38 @@ def test_short_disk_is_refused_before_calibration(source, tmp_path, capsys, no_c
     assert main(["prune", str(source), str(tmp_path / "out"), "--remove", "2", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "not enough disk space" in err and "GB free" in err
+
+
+def test_default_calibration_needs_no_installed_assets(source, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLM_FAST_ASSETS", str(tmp_path / "no_assets"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    report = prune(source, tmp_path / "out", PruneOptions(remove=2, n_samples=2, seq_len=16, progress=False))
+    assert report.blocks_before - report.blocks_after == 2
+    calibration = json.loads((tmp_path / "out" / "slm_report.json").read_text())["calibration"]
+    assert calibration["corpus"] == "austen:emma" and len(calibration["token_ids"]) == 2
+
+
+@pytest.mark.parametrize("refusal", ["quantized", "bin-only", "missing-dataset"])
+def test_refusals_reach_the_user_without_a_traceback(source, tmp_path, capsys, refusal):
+    import shutil
+
+    folder = tmp_path / "src"
+    shutil.copytree(source, folder)
+    commands = [["prune", str(folder), str(tmp_path / "out"), "--remove", "1"]]
+    if refusal == "quantized":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "awq"}}))
+    elif refusal == "bin-only":
+        for shard in folder.glob("model*.safetensors*"):
+            shard.unlink()
+        (folder / "pytorch_model.bin").write_bytes(b"")
+    else:
+        commands[0] += ["--calib", "someorg/not-cached"]
+    if refusal != "missing-dataset":
+        commands.append(["merge", str(folder), str(tmp_path / "merged"), "--windows", "1-2"])
+    expected = {"quantized": "quant_method 'awq'", "bin-only": "Convert them", "missing-dataset": "someorg/not-cached"}
+    for command in commands:
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "error:" in err and expected[refusal] in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "merged").exists()
