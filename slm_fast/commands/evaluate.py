@@ -36,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="extend",
         default=[],
         metavar="CORPUS",
-        help="corpus names (lambada, boolq, austen, austen:<novel>, brown) or .txt/.jsonl paths",
+        help="corpus names (lambada, boolq, austen, austen:<novel>, brown), .txt/.jsonl/.parquet files, "
+        "save_to_disk folders or cached datasets specs NAME[:CONFIG][:SPLIT]",
     )
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per perplexity window (default: 512)")
     parser.add_argument("--max-windows", type=int, default=16, help="windows per corpus, from its start (default: 16)")
