@@ -27,7 +27,7 @@ from slm_fast.checkpoint.staging import (
     staged_folder,
 )
 from slm_fast.checkpoint.writer import ShardedWriter, TensorSpec
-from slm_fast.merge import check_rule, merge_window, settings_block
+from slm_fast.merge import check_average_settings, check_rule, merge_window, settings_block
 from slm_fast.windows import Window, output_blocks
 
 PROVENANCE_NAME = "slm_fast.json"
@@ -86,8 +86,10 @@ def export_merged_checkpoint(
     started = time.perf_counter()
     reader = source if isinstance(source, CheckpointReader) else CheckpointReader(source)
     output = Path(output)
+    check_rule(rule)
+    check_average_settings(average_settings)
     plan = output_blocks(windows, reader.num_blocks, dropped)
-    settings = [settings_block(lo, hi, check_rule(rule), average_settings) for lo, hi in plan]
+    settings = [settings_block(lo, hi, rule, average_settings) for lo, hi in plan]
     check_output_location(reader.folder, output, overwrite=overwrite)
     layout = _layout(reader, plan, dtype)
     writer_total = sum(torch.empty((), dtype=dt).element_size() * _numel(shape) for _, dt, shape in layout)

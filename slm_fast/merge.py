@@ -44,13 +44,18 @@ def check_rule(rule: str) -> str:
     return rule
 
 
+def check_average_settings(average_settings: str) -> str:
+    if average_settings not in AVERAGE_SETTINGS:
+        raise InputError(f"unknown average settings {average_settings!r}; choose one of: {', '.join(AVERAGE_SETTINGS)}")
+    return average_settings
+
+
 def settings_block(lo: int, hi: int, rule: str, average_settings: str = "low") -> int:
     """The source block whose per-layer settings the window [lo, hi] merged by `rule` runs and is
     written with: hi for keep_high and keep_high_norms_low (the top block's projections), lo for
     keep_low, and for mean / sum / rdsc the bottom or top block as `average_settings` says."""
     check_rule(rule)
-    if average_settings not in AVERAGE_SETTINGS:
-        raise InputError(f"unknown average settings {average_settings!r}; choose one of: {', '.join(AVERAGE_SETTINGS)}")
+    check_average_settings(average_settings)
     if rule in ("keep_high", "keep_high_norms_low"):
         return hi
     if rule == "keep_low":

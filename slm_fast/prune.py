@@ -20,14 +20,14 @@ from tqdm.auto import tqdm
 
 from slm_fast import baselines
 from slm_fast.baselines import LACO_RULE, METHODS
-from slm_fast.checkpoint.locate import load_tokenizer, resolve_model
+from slm_fast.checkpoint.locate import load_tokenizer
 from slm_fast.checkpoint.reader import CheckpointReader
 from slm_fast.checkpoint.staging import check_output_location, ensure_free_space
 from slm_fast.criteria import check_criterion
 from slm_fast.devices import check_device
 from slm_fast.errors import InputError
 from slm_fast.export import export_merged_checkpoint, output_nbytes
-from slm_fast.merge import check_rule, settings_block
+from slm_fast.merge import check_average_settings, check_rule
 from slm_fast.runtime.cache import HiddenStateCache
 from slm_fast.runtime.stream import BlockRunner, calibrate
 from slm_fast.slm import CandidateScorer, SearchResult, best_first_search, search_threshold, sliding_search
@@ -110,7 +110,7 @@ class PruneOptions:
             raise InputError(f"need --samples >= 1 and --seq-len >= 2, got {self.n_samples} and {self.seq_len}")
         check_criterion(self.criterion)
         check_rule(self.rule)
-        settings_block(0, 1, self.rule, self.average_settings)  # validates average_settings
+        check_average_settings(self.average_settings)
         check_device(self.device)
         return self
 
@@ -176,7 +176,7 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
     options.validated()
     if options.preset == "reference":
         options = dataclasses.replace(options, **REFERENCE_PRESET)
-    reader = CheckpointReader(resolve_model(source))
+    reader = CheckpointReader(source)
     output = Path(output)
     check_output_location(reader.folder, output, overwrite=options.overwrite)
     removed = _check_target(reader, options)
