@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from slm_fast.checkpoint.reader import CheckpointReader
 from slm_fast.cli import main
-from slm_fast.export import export_merged_checkpoint
+from slm_fast.export import export_merged_checkpoint, output_nbytes
 from slm_fast.windows import output_blocks
 
 TOKENS = torch.tensor([[3, 17, 99, 5, 42, 8, 77, 1, 64, 12, 30, 2]])
@@ -134,3 +134,15 @@ def test_dropped_blocks_are_left_out(tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["layer_types"] == ["full_attention", "full_attention", "sliding_attention"]
     assert json.loads((tmp_path / "out" / "slm_fast.json").read_text())["dropped"] == [3, 5]
+
+
+def test_output_nbytes_is_what_the_export_writes(tmp_path):
+    source = save_tiny_checkpoint(tmp_path / "src", "qwen2", num_layers=6)
+    reader = CheckpointReader(source)
+    assert output_nbytes(reader) == reader.total_nbytes
+    for windows, dtype in (([(1, 3)], None), ([(0, 1), (3, 5)], torch.bfloat16)):
+        result = export_merged_checkpoint(
+            reader, tmp_path / "out", windows, dtype=dtype, overwrite=True, progress=False
+        )
+        removed = sum(hi - lo for lo, hi in windows)
+        assert output_nbytes(reader, removed, dtype) == result.bytes_written

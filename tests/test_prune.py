@@ -153,6 +153,9 @@ def test_cuda_without_cuda_is_a_clear_error(source, tmp_path, capsys, no_calibra
         assert f"--device '{device}': this torch" in capsys.readouterr().err
     assert main(["prune", str(source), str(tmp_path / "out"), "--remove", "1", "--device", "gpu0"]) == 2
     assert "is not a device" in capsys.readouterr().err
+    for command in (["evaluate", str(source), "--ppl", "austen:emma"], ["heatmap", str(source), "--out", "h.png"]):
+        assert main([*command, "--device", "cuda"]) == 2
+        assert "sees no CUDA device" in capsys.readouterr().err
 
 
 def test_short_disk_is_refused_before_calibration(source, tmp_path, capsys, no_calibration, monkeypatch):
