@@ -27,7 +27,7 @@ from slm_fast.checkpoint.staging import (
     staged_folder,
 )
 from slm_fast.checkpoint.writer import ShardedWriter, TensorSpec
-from slm_fast.merge import check_rule, merge_window
+from slm_fast.merge import check_average_settings, check_rule, merge_window, settings_block
 from slm_fast.windows import Window, output_blocks
 
 PROVENANCE_NAME = "slm_fast.json"
@@ -40,6 +40,7 @@ class ExportResult:
     windows: list[Window]
     dropped: list[int]
     block_sources: list[Window]
+    settings_sources: list[int]  # the source block whose per-layer settings each output block has
     rule: str
     source_blocks: int
     parameters_before: int
@@ -65,6 +66,7 @@ def export_merged_checkpoint(
     *,
     dropped: list[int] | tuple[int, ...] = (),
     rule: str = "keep_high",
+    average_settings: str = "low",
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
@@ -75,7 +77,9 @@ def export_merged_checkpoint(
     """Merge each window [lo, hi] of `source` into one block at lo, leave out the `dropped` blocks,
     renumber, and write to `output`.
 
-    `dtype=None` keeps every tensor's dtype; otherwise floating tensors are stored in `dtype`.
+    Each output block is written with the per-layer config settings of slm_fast.merge.settings_block
+    (`average_settings` decides for the averaging rules). `dtype=None` keeps every tensor's dtype;
+    otherwise floating tensors are stored in `dtype`.
     `provenance` adds fields to the slm_fast.json record; `extra_files` (name -> text) are written
     into the output folder too (e.g. the pruning report), inside the same atomic rename.
     """
@@ -83,7 +87,9 @@ def export_merged_checkpoint(
     reader = source if isinstance(source, CheckpointReader) else CheckpointReader(source)
     output = Path(output)
     check_rule(rule)
+    check_average_settings(average_settings)
     plan = output_blocks(windows, reader.num_blocks, dropped)
+    settings = [settings_block(lo, hi, rule, average_settings) for lo, hi in plan]
     check_output_location(reader.folder, output, overwrite=overwrite)
     layout = _layout(reader, plan, dtype)
     writer_total = sum(torch.empty((), dtype=dt).element_size() * _numel(shape) for _, dt, shape in layout)
@@ -109,7 +115,7 @@ def export_merged_checkpoint(
         except BaseException:
             writer.abort()
             raise
-        config = rewrite_config(reader.config, reader.arch, [lo for lo, _ in plan], dtype=dtype)
+        config = rewrite_config(reader.config, reader.arch, settings, dtype=dtype)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         files += ["config.json", *copy_tagalong_files(reader.folder, staging)]
         result = ExportResult(
@@ -117,6 +123,7 @@ def export_merged_checkpoint(
             windows=[w for w in plan if w[0] != w[1]],
             dropped=sorted(dropped),
             block_sources=plan,
+            settings_sources=settings,
             rule=rule,
             source_blocks=reader.num_blocks,
             parameters_before=sum(_numel(loc.entry.shape) for loc in reader.locations.values()),
@@ -132,6 +139,22 @@ def export_merged_checkpoint(
             (staging / name).write_text(text)
             result.files.append(name)
     return result
+
+
+def output_nbytes(reader: CheckpointReader, blocks_removed: int = 0, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the tensors written when `blocks_removed` blocks are merged away or dropped (every
+    block of a supported architecture holds the same tensors), stored in `dtype` (None: as now)."""
+
+    def nbytes(names: list[str]) -> int:
+        total = 0
+        for name in names:
+            entry = reader.entry(name)
+            itemsize = torch.empty((), dtype=dtype).element_size() if dtype and entry.dtype.is_floating_point else None
+            total += entry.nbytes if itemsize is None else itemsize * _numel(entry.shape)
+        return total
+
+    block = nbytes([reader.full_name(0, n) for n in reader.block_tensor_names(0)])
+    return nbytes(reader.other_names) + (reader.num_blocks - blocks_removed) * block
 
 
 def _layout(reader: CheckpointReader, plan: list[Window], dtype: torch.dtype | None) -> list[TensorSpec]:
@@ -180,6 +203,7 @@ def _provenance(reader: CheckpointReader, result: ExportResult, dtype: torch.dty
         "windows": [list(w) for w in result.windows],
         "dropped": result.dropped,
         "block_sources": [list(w) for w in result.block_sources],
+        "layer_settings_sources": result.settings_sources,
         "rule": result.rule,
         "dtype": "keep" if dtype is None else str(dtype).removeprefix("torch."),
         "parameters_before": result.parameters_before,

@@ -15,6 +15,10 @@ and cast back to the output dtype:
 
 A window is read block by block, so at most two float32 blocks (theta_lo and the running sum) are
 held at a time, whatever the window's length.
+
+The merged block also needs per-layer settings (attention type and sliding window, RoPE or not,
+anything else the config lists per layer): `settings_block` says which source block's it takes, the
+one whose weights dominate, and every place that builds, runs or writes a merged block asks it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from torch import Tensor
 from slm_fast.errors import CheckpointError, InputError
 
 RULES = ("keep_high", "keep_low", "mean", "sum", "rdsc", "keep_high_norms_low")
+# For the averaging rules (mean, sum, rdsc) no block dominates: `low` (the default) takes the bottom
+# block's settings, as the merged block sits at its depth and rdsc is anchored on its weights.
+AVERAGE_SETTINGS = ("low", "high")
 
 BlockReader = Callable[[int], Mapping[str, Tensor]]
 
@@ -35,6 +42,25 @@ def check_rule(rule: str) -> str:
     if rule not in RULES:
         raise InputError(f"unknown merge rule {rule!r}; choose one of: {', '.join(RULES)}")
     return rule
+
+
+def check_average_settings(average_settings: str) -> str:
+    if average_settings not in AVERAGE_SETTINGS:
+        raise InputError(f"unknown average settings {average_settings!r}; choose one of: {', '.join(AVERAGE_SETTINGS)}")
+    return average_settings
+
+
+def settings_block(lo: int, hi: int, rule: str, average_settings: str = "low") -> int:
+    """The source block whose per-layer settings the window [lo, hi] merged by `rule` runs and is
+    written with: hi for keep_high and keep_high_norms_low (the top block's projections), lo for
+    keep_low, and for mean / sum / rdsc the bottom or top block as `average_settings` says."""
+    check_rule(rule)
+    check_average_settings(average_settings)
+    if rule in ("keep_high", "keep_high_norms_low"):
+        return hi
+    if rule == "keep_low":
+        return lo
+    return lo if average_settings == "low" else hi
 
 
 def merge_window(

@@ -22,13 +22,15 @@ from tqdm.auto import tqdm
 from slm_fast import baselines, cost
 from slm_fast.baselines import LACO_RULE, METHODS
 from slm_fast.budget import plan_memory
+from slm_fast.checkpoint.locate import load_tokenizer
 from slm_fast.checkpoint.reader import CheckpointReader
-from slm_fast.checkpoint.staging import check_output_location
+from slm_fast.checkpoint.staging import check_output_location, ensure_free_space
 from slm_fast.criteria import check_criterion
+from slm_fast.devices import check_device
 from slm_fast.errors import InputError
-from slm_fast.export import export_merged_checkpoint
+from slm_fast.export import export_merged_checkpoint, output_nbytes
 from slm_fast.journal import RunJournal
-from slm_fast.merge import check_rule
+from slm_fast.merge import check_average_settings, check_rule
 from slm_fast.runtime.cache import HiddenStateCache, TieredStore, combined_stats
 from slm_fast.runtime.stream import BlockRunner, calibrate
 from slm_fast.slm import CandidateScorer, SearchResult, best_first_search, search_threshold, sliding_search
@@ -38,8 +40,13 @@ REPORT_NAME = "slm_report.json"
 THRESHOLD_METHODS = ("slm", "laco")
 SEARCHES = ("best-first", "sliding")
 # What the reference code fixes (slm_reference.md sections 1-3); `--preset reference` applies them all.
+# The calibration corpus is not among them: the reference's sampler runs on the corpus chosen.
 REFERENCE_PRESET = dict(
     criterion="cosine", rule="keep_high_norms_low", n_samples=10, seq_len=128, seed=1234, search="sliding"
+)
+# The command-line flag of each option, for error messages.
+OPTION_FLAGS = dict(
+    criterion="--criterion", rule="--rule", n_samples="--samples", seq_len="--seq-len", seed="--seed", search="--search"
 )
 
 
@@ -55,7 +62,9 @@ class PruneOptions:
     laco_interval: int = 1  # LaCo's INTERVAL
     criterion: str = "cosine"
     rule: str = "keep_high"
-    calib: str = "austen:emma"  # novels, like the reference's BookCorpus; P&P stays held out
+    average_settings: str = "low"  # per-layer settings of a window merged by mean/sum/rdsc: low or high block
+    calib: str = "austen:emma"  # shipped with the package; novels, like the reference's BookCorpus; P&P held out
+    calib_field: str = "text"  # the text field of .jsonl / .parquet / datasets sources
     n_samples: int = 10
     seq_len: int = 128
     seed: int = 1234
@@ -72,6 +81,9 @@ class PruneOptions:
     out_dtype: str | None = None  # None keeps the source dtype
     overwrite: bool = False
     progress: bool = True
+    # The option names the caller set explicitly (the CLI fills it); None: those that differ from the
+    # defaults. Only used to refuse options that --preset reference would override.
+    explicit: frozenset[str] | None = None
 
     @property
     def merge_rule(self) -> str:
@@ -90,6 +102,8 @@ class PruneOptions:
             raise InputError(f"unknown search {self.search!r}; choose one of: {', '.join(SEARCHES)}")
         if self.preset == "reference" and self.method != "slm":
             raise InputError(f"--preset reference applies to --method slm, not {self.method}")
+        if self.preset == "reference":
+            self._check_reference_overrides()
         if self.threshold is not None and self.method not in THRESHOLD_METHODS:
             raise InputError(f"--method {self.method} ranks blocks: give --remove or --ratio, not --threshold")
         if self.remove is not None and self.remove < 0:
@@ -102,9 +116,41 @@ class PruneOptions:
             raise InputError(f"--memory-budget must be positive, got {self.memory_budget} bytes")
         if self.micro_batch is not None and self.micro_batch < 1:
             raise InputError(f"--micro-batch must be >= 1, got {self.micro_batch}")
+        if self.n_samples < 1 or self.seq_len < 2:
+            raise InputError(f"need --samples >= 1 and --seq-len >= 2, got {self.n_samples} and {self.seq_len}")
         check_criterion(self.criterion)
         check_rule(self.rule)
+        check_average_settings(self.average_settings)
+        check_device(self.device)
         return self
+
+    def _check_reference_overrides(self) -> None:
+        """--preset reference fixes REFERENCE_PRESET's options: refuse any given with another value."""
+        defaults = PruneOptions()
+        given = self.explicit
+        if given is None:
+            given = {name for name in REFERENCE_PRESET if getattr(self, name) != getattr(defaults, name)}
+        conflicts = [
+            f"{OPTION_FLAGS[name]} {getattr(self, name)}"
+            for name in REFERENCE_PRESET
+            if name in given and getattr(self, name) != REFERENCE_PRESET[name]
+        ]
+        if conflicts:
+            fixed = ", ".join(f"{OPTION_FLAGS[k]} {v}" for k, v in REFERENCE_PRESET.items())
+            raise InputError(
+                f"--preset reference fixes {fixed}; it would override {', '.join(conflicts)}: "
+                "drop them, or leave out --preset reference"
+            )
+
+    def max_removable(self, num_blocks: int) -> int:
+        """The most blocks this method can remove from `num_blocks` given the protected blocks: SLM
+        merges only the unprotected blocks (a window of m of them removes m - 1), and the reference
+        never merges its top block nor starts a window at block 0; the baselines keep one block."""
+        if self.method != "slm":
+            return num_blocks - 1
+        if self.preset == "reference":
+            return max(0, num_blocks - 3)
+        return max(0, num_blocks - self.protect_top - self.protect_bottom - 1)
 
 
 @dataclass
@@ -134,11 +180,16 @@ class PruneReport:
 
 
 def prune(source: str | Path, output: str | Path, options: PruneOptions) -> PruneReport:
+    """Prune `source` (a checkpoint folder or a cached Hub id) into `output`. Every check that can
+    fail (options, checkpoint, target, disk space) runs before calibration."""
     started = time.perf_counter()
     options = _resolved(options)
     reader = CheckpointReader(source)
     output = Path(output)
     check_output_location(reader.folder, output, overwrite=options.overwrite)
+    removed = _check_target(reader, options)
+    out_dtype = None if options.out_dtype is None else getattr(torch, options.out_dtype)
+    ensure_free_space(output, output_nbytes(reader, removed, out_dtype))
     journal = RunJournal(
         work_folder(reader.folder, output, options),
         _fingerprint(options),
@@ -171,6 +222,7 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
             reference,
             criterion=options.criterion,
             rule=options.merge_rule,
+            average_settings=options.average_settings,
             on_evaluated=bar.update,
             on_scored=journal.record,
             states=plan_states,
@@ -202,7 +254,8 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
         selection.windows,
         dropped=selection.dropped,
         rule=selection.rule,
-        dtype=None if options.out_dtype is None else getattr(torch, options.out_dtype),
+        average_settings=options.average_settings,
+        dtype=out_dtype,
         max_shard_bytes=options.shard_size,
         overwrite=options.overwrite,
         progress=options.progress,
@@ -267,15 +320,19 @@ def work_folder(source: Path, output: Path, options: PruneOptions) -> Path:
 
 
 def _resolved(options: PruneOptions) -> PruneOptions:
+    """Validated options with the reference preset applied (validation first: it refuses options the
+    preset would silently override)."""
+    options = options.validated()
     if options.preset == "reference":
         options = dataclasses.replace(options, **REFERENCE_PRESET)
-    return options.validated()
+    return options
 
 
 def _fingerprint(options: PruneOptions) -> dict:
     """The options that decide a run's scores and decisions (what a resumed run must share)."""
     keep = ("threshold", "remove", "ratio", "preset", "method", "search", "laco_merge_layers", "laco_interval")
-    keep += ("criterion", "rule", "calib", "n_samples", "seq_len", "seed", "protect_top", "protect_bottom")
+    keep += ("criterion", "rule", "average_settings", "calib", "calib_field", "n_samples", "seq_len", "seed")
+    keep += ("protect_top", "protect_bottom")
     keep += ("speculate", "dtype")
     return {k: getattr(options, k) for k in keep}
 
@@ -325,13 +382,38 @@ def _cost_report(reader, options, layout, rates, runner, scorer, state_stats, ti
 
 
 def calibration_ids(folder: Path, options: PruneOptions) -> torch.Tensor:
-    from transformers import AutoTokenizer
+    """The calibration tokens: packed from the corpus (see pack_calibration), or under
+    `--preset reference` drawn as the reference draws them (sample_calibration)."""
+    from slm_fast.data import load_corpus, pack_calibration, sample_calibration
 
-    from slm_fast.data import load_corpus, sample_calibration
+    tokenizer = load_tokenizer(folder)
+    corpus = load_corpus(options.calib, field=options.calib_field)
+    sampler = sample_calibration if options.preset == "reference" else pack_calibration
+    return sampler(tokenizer, corpus, options.n_samples, options.seq_len, options.seed)
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    corpus = load_corpus(options.calib)
-    return sample_calibration(tokenizer, corpus, options.n_samples, options.seq_len, options.seed)
+
+def _check_target(reader: CheckpointReader, options: PruneOptions) -> int:
+    """The number of blocks the target removes (0 for a threshold: the output may keep every block);
+    InputError when the model cannot meet it."""
+    if options.threshold is not None:
+        return 0
+    target = _target_blocks(reader, options)
+    limit = options.max_removable(reader.num_blocks)
+    if target > limit:
+        asked = (
+            f"--remove {options.remove}" if options.remove is not None else f"--ratio {options.ratio} ({target} blocks)"
+        )
+        protected = ""
+        if options.method == "slm":
+            protected = (
+                " (the reference never merges the top block nor starts a window at block 0)"
+                if options.preset == "reference"
+                else f" with --protect-top {options.protect_top} and --protect-bottom {options.protect_bottom}"
+            )
+        raise InputError(
+            f"{asked}: {options.method} can remove at most {limit} of the {reader.num_blocks} blocks{protected}"
+        )
+    return target
 
 
 def _runtime(reader: CheckpointReader, options: PruneOptions, n_samples: int, spill_dir: Path | None):
@@ -446,7 +528,7 @@ def _report_json(reader, options, input_ids, selection: Selection, scorer: Candi
     return {
         "source": str(reader.folder.resolve()),
         "method": options.method,
-        "options": asdict(options),
+        "options": asdict(options) | {"explicit": None if options.explicit is None else sorted(options.explicit)},
         "windows": [list(w) for w in sorted(selection.windows)],
         "dropped": selection.dropped,
         "rule": selection.rule,
@@ -454,6 +536,9 @@ def _report_json(reader, options, input_ids, selection: Selection, scorer: Candi
         **selection.details,
         "calibration": {
             "corpus": options.calib,
+            "sampling": "reference (random windows of whole documents)"
+            if options.preset == "reference"
+            else "packed (shuffled documents joined by EOS, cut into samples)",
             "n_samples": options.n_samples,
             "seq_len": options.seq_len,
             "seed": options.seed,

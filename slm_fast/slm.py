@@ -30,7 +30,7 @@ from torch import Tensor
 
 from slm_fast.checkpoint.reader import CheckpointReader
 from slm_fast.criteria import similarity_to_reference
-from slm_fast.merge import merge_window
+from slm_fast.merge import merge_window, settings_block
 from slm_fast.runtime.cache import HiddenStateCache, TieredStore
 from slm_fast.runtime.stream import BlockRunner, BlockSpec
 from slm_fast.windows import Window, output_blocks
@@ -68,9 +68,10 @@ class SearchResult:
         }
 
 
-def window_block(window: Window, rule: str, reader: CheckpointReader) -> BlockSpec:
+def window_block(window: Window, rule: str, reader: CheckpointReader, average_settings: str = "low") -> BlockSpec:
     """What the runner builds for source window [lo, hi]: the original block when lo == hi, else the
-    window merged by `rule` (built with the settings of its lowest layer, where it sits in the output)."""
+    window merged by `rule`, built with the per-layer settings of the block whose weights dominate
+    (merge.settings_block; `average_settings` decides for the averaging rules)."""
     lo, hi = window
     if lo == hi:
         return BlockSpec.original(lo)
@@ -79,7 +80,7 @@ def window_block(window: Window, rule: str, reader: CheckpointReader) -> BlockSp
     def tensors(read_block):
         return merge_window(read_block, lo, hi, rule, is_projection=reader.arch.is_projection)
 
-    return BlockSpec(("merged", lo, hi, rule), lo, reads, tensors)
+    return BlockSpec(("merged", lo, hi, rule), settings_block(lo, hi, rule, average_settings), reads, tensors)
 
 
 def sweep_schedule(
@@ -166,13 +167,14 @@ class CandidateScorer:
         *,
         criterion: str,
         rule: str,
+        average_settings: str = "low",
         on_evaluated: Callable[[int], None] | None = None,
         on_scored: Callable[[str, tuple, float], None] | None = None,
         states: TieredStore | None = None,
     ):
         self.runner, self.cache, self.reference = runner, cache, reference
         self.states = states or cache.store  # where the sweeps keep plan states
-        self.criterion, self.rule = criterion, rule
+        self.criterion, self.rule, self.average_settings = criterion, rule, average_settings
         self.on_evaluated = on_evaluated
         self.on_scored = on_scored
         self.scores: dict[tuple[Committed, Window], float] = {}  # (committed above, window) -> score
@@ -181,7 +183,11 @@ class CandidateScorer:
         self.sweeps: list[list[tuple[Window, ...]]] = []  # the plans of every sweep run, in order
 
     def spec(self, window: Window) -> BlockSpec:
-        return window_block(window, self.rule, self.runner.reader)
+        return window_block(window, self.rule, self.runner.reader, self.average_settings)
+
+    def _run_window(self, window: Window, hidden: Tensor) -> Tensor:
+        spec = self.spec(window)
+        return self.runner.apply(self.runner.block(spec), spec.layer_index, hidden)
 
     def score(self, committed: Committed, windows: list[Window]) -> list[float]:
         """Scores of the models `committed` + one of `windows` (speculative extents sharing their top
@@ -196,7 +202,7 @@ class CandidateScorer:
         above = self._above(committed, hi)
         todo = [w for w in dict.fromkeys(windows) if (above, w) not in self.scores]
         if todo:
-            starts = [self.runner.apply(self.runner.block(self.spec(w)), w[0], self.cache.get(w[0])) for w in todo]
+            starts = [self._run_window(w, self.cache.get(w[0])) for w in todo]
             hidden = self._run_above(torch.cat(starts), hi + 1, above)
             outputs = self.runner.final_norm(hidden).split(self.reference.shape[0])
             for window, output in zip(todo, outputs, strict=True):
@@ -296,7 +302,7 @@ class CandidateScorer:
         block = start
         while block < self.runner.num_blocks:
             hi = tops.get(block, block)
-            hidden = self.runner.apply(self.runner.block(self.spec((block, hi))), block, hidden)
+            hidden = self._run_window((block, hi), hidden)
             block = hi + 1
         return hidden
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_models import save_tiny_checkpoint
 
 from slm_fast.checkpoint.arch import architecture_for, supported_model_types
@@ -133,13 +133,40 @@ def test_unknown_architecture(single, tmp_path):
 
 
 def test_missing_config_and_weights(tmp_path):
-    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+    with pytest.raises(CheckpointError, match="nowhere: no such checkpoint folder, and not a Hub id"):
         CheckpointReader(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="config.json: file is missing"):
         CheckpointReader(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 1}')
     with pytest.raises(CheckpointError, match="neither model.safetensors.index.json nor model.safetensors"):
         CheckpointReader(tmp_path)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "fp8"])
+def test_quantized_checkpoints_are_refused(single, tmp_path, method):
+    folder = copy_of(single, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "bits": 4}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"quantized \(quantization_config, quant_method '{method}'\)"):
+        CheckpointReader(folder)
+
+
+def test_float8_tensors_are_refused(tmp_path):
+    folder = save_tiny_checkpoint(tmp_path / "fp8", "llama", num_layers=2)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"].to(torch.float8_e4m3fn)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"'model.layers.1.mlp.up_proj.weight' is float8_e4m3fn"):
+        CheckpointReader(folder)
+
+
+def test_pickle_only_checkpoints_are_refused_with_how_to_convert(single, tmp_path):
+    folder = copy_of(single, tmp_path)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(CheckpointError, match=r"PyTorch pickles.*save_pretrained\('CONVERTED'\)"):
+        CheckpointReader(folder)
 
 
 def test_architecture_table():

@@ -16,11 +16,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from slm_fast.assets import SMOLLM2_GGUF, SMOLLM2_PACKAGE, installed_package_dir
+from slm_fast.assets import SMOLLM2_GGUF, SMOLLM2_PACKAGE, austen_dir, installed_package_dir
 from slm_fast.data import DOCUMENT_SEPARATOR, corpus_names, evaluation_windows, load_corpus, sample_calibration
 from slm_fast.data.austen import AUSTEN_NOVELS, read_austen, split_chapters
 from slm_fast.data.brown import detokenize, parse_brown_document, read_brown
 from slm_fast.data.rdata import RVector, load_lazyload_database, unserialize
+from slm_fast.data.shipped import read_shipped
 from slm_fast.data.user_files import read_jsonl, read_txt
 from slm_fast.errors import AssetError, InputError
 
@@ -268,14 +269,12 @@ def test_load_corpus_user_files(tmp_path: Path) -> None:
     (tmp_path / "b.jsonl").write_text('{"content": "x"}\n')
     assert load_corpus(str(tmp_path / "a.txt")) == ["one", "two"]
     assert load_corpus(str(tmp_path / "a.txt"), txt_unit="file") == ["one\n\ntwo"]
-    assert load_corpus(str(tmp_path / "b.jsonl"), jsonl_field="content") == ["x"]
+    assert load_corpus(str(tmp_path / "b.jsonl"), field="content") == ["x"]
     with pytest.raises(InputError, match="does not exist"):
         load_corpus(str(tmp_path / "missing.txt"))
 
 
 def test_load_corpus_unknown_names_list_the_valid_ones() -> None:
-    with pytest.raises(InputError, match=r"unknown corpus 'wikitext'.*lambada, boolq, austen, austen:sense"):
-        load_corpus("wikitext")
     with pytest.raises(InputError, match=r"unknown Austen novel 'ulysses'; valid: sense_and_sensibility"):
         load_corpus("austen:ulysses")
     assert "austen:pride_and_prejudice" in corpus_names()
@@ -284,8 +283,10 @@ def test_load_corpus_unknown_names_list_the_valid_ones() -> None:
 def test_load_corpus_austen_from_an_assets_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_austen_assets(tmp_path)
     monkeypatch.setenv("SLM_FAST_ASSETS", str(tmp_path))
-    assert len(load_corpus("austen:emma")) == 3
+    assert load_corpus("austen:persuasion") == ["Persuasion\n\nChapter 1\n\nText of persuasion."]
     assert len(load_corpus("austen")) == 3 + 5
+    # Emma is read from the copy shipped in the package, whatever the assets hold.
+    assert len(load_corpus("austen:emma")) == 55
     with pytest.raises(AssetError, match="slm-fast assets text"):
         load_corpus("brown")
 
@@ -371,6 +372,8 @@ def test_real_austen_novels() -> None:
     }
     novels = installed("austen")
     assert sum(len(chapter.split()) for chapter in novels) == 717_537
+    # The copy shipped in the package is exactly what the installed assets give.
+    assert read_shipped("emma") == read_austen(austen_dir())["emma"]
     assert novels[50].startswith("PRIDE AND PREJUDICE\n\nBy Jane Austen\n\nChapter 1\n\nIt is a truth")
 
 

@@ -171,7 +171,7 @@ def test_cli_perplexity(tiny: Path, hf_model: torch.nn.Module, tmp_path: Path, c
     [
         ([], "nothing to evaluate"),
         (["--ppl", "CORPUS", "--stride", "0"], "--stride must be >= 1"),
-        (["--ppl", "no_such_corpus"], "unknown corpus 'no_such_corpus'"),
+        (["--ppl", "no_such_corpus"], "dataset 'no_such_corpus' could not be loaded from the local datasets cache"),
         (["--ppl", "CORPUS", "--seq-len", "5000"], "corpus '.*words.txt': the corpus is shorter than one window"),
     ],
 )

@@ -12,30 +12,35 @@ from transformers import AutoModelForCausalLM
 
 from slm_fast.checkpoint.reader import CheckpointReader
 from slm_fast.cli import main
-from slm_fast.export import export_merged_checkpoint
+from slm_fast.export import export_merged_checkpoint, output_nbytes
 from slm_fast.windows import output_blocks
 
 TOKENS = torch.tensor([[3, 17, 99, 5, 42, 8, 77, 1, 64, 12, 30, 2]])
 
 
-def merge_in_memory(model, windows, rule):
-    """The oracle: merge parameters with the numpy rules and drop modules on the loaded model."""
+def merge_in_memory(model, windows, rule, settings=None):
+    """The oracle: merge parameters with the numpy rules and drop modules on the loaded model. Each
+    merged window keeps the module (so the per-layer settings) of `settings(lo, hi)`, by default the
+    block whose weights dominate as the issue states it: hi for keep_high(_norms_low), else lo."""
+    settings = settings or (lambda lo, hi: hi if rule in ("keep_high", "keep_high_norms_low") else lo)
     layers = model.model.layers
     plan = output_blocks(windows, len(layers))
-    kept = []
+    kept, sources = [], []
     for lo, hi in plan:
         window = [{n: p.detach().double().numpy() for n, p in layers[k].named_parameters()} for k in range(lo, hi + 1)]
         merged = numpy_oracle(window, rule)
+        source = settings(lo, hi)
         with torch.no_grad():
-            for name, param in layers[lo].named_parameters():
+            for name, param in layers[source].named_parameters():
                 param.copy_(torch.from_numpy(np.asarray(merged[name])).to(param.dtype))
-        kept.append(layers[lo])
+        kept.append(layers[source])
+        sources.append(source)
     model.model.layers = torch.nn.ModuleList(kept)
     for position, layer in enumerate(kept):
         layer.self_attn.layer_idx = position
     model.config.num_hidden_layers = len(kept)
     if getattr(model.config, "layer_types", None):
-        model.config.layer_types = [model.config.layer_types[lo] for lo, _ in plan]
+        model.config.layer_types = [model.config.layer_types[s] for s in sources]
     return model
 
 
@@ -129,3 +134,15 @@ def test_dropped_blocks_are_left_out(tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["layer_types"] == ["full_attention", "full_attention", "sliding_attention"]
     assert json.loads((tmp_path / "out" / "slm_fast.json").read_text())["dropped"] == [3, 5]
+
+
+def test_output_nbytes_is_what_the_export_writes(tmp_path):
+    source = save_tiny_checkpoint(tmp_path / "src", "qwen2", num_layers=6)
+    reader = CheckpointReader(source)
+    assert output_nbytes(reader) == reader.total_nbytes
+    for windows, dtype in (([(1, 3)], None), ([(0, 1), (3, 5)], torch.bfloat16)):
+        result = export_merged_checkpoint(
+            reader, tmp_path / "out", windows, dtype=dtype, overwrite=True, progress=False
+        )
+        removed = sum(hi - lo for lo, hi in windows)
+        assert output_nbytes(reader, removed, dtype) == result.bytes_written

@@ -23,7 +23,8 @@ def rewrite_config(
     config: dict, arch: Architecture, kept_sources: list[int], *, dtype: torch.dtype | None = None
 ) -> dict:
     """A new config dict for the blocks `kept_sources` (source indices, ascending; a merged window is
-    represented by its lowest block). `dtype` updates the recorded dtype when the weights change it."""
+    represented by the block whose per-layer settings it takes, slm_fast.merge.settings_block). `dtype`
+    updates the recorded dtype when the weights change it."""
     num_source = config[arch.count_key]
     new = copy.deepcopy(config)
     new[arch.count_key] = len(kept_sources)

@@ -1,5 +1,9 @@
 """Block-wise reading of a Hugging Face safetensors checkpoint folder.
 
+Checkpoints that cannot be pruned correctly are refused when opened, naming the reason: quantized
+ones (a `quantization_config`, or float8 tensors), `.bin`-only ones (with how to convert them), and
+architectures outside the table.
+
 Opening a checkpoint reads only `config.json`, the index and every shard's header; tensors are read
 one block at a time through `safe_open` memory maps. The tensors returned are views of the map, so
 pages are read on first touch and the mapping is released when the caller drops the block: peak
@@ -18,11 +22,14 @@ import torch
 from safetensors import safe_open
 
 from slm_fast.checkpoint.arch import Architecture, architecture_for
+from slm_fast.checkpoint.locate import resolve_model
 from slm_fast.checkpoint.safetensors_format import ShardHeader, TensorEntry, read_header
 from slm_fast.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+FLOAT8_DTYPES = frozenset({torch.float8_e4m3fn, torch.float8_e5m2})
 
 
 @dataclass(frozen=True)
@@ -35,12 +42,13 @@ class CheckpointReader:
     """An opened checkpoint folder: config, architecture, tensor -> shard map, block grouping."""
 
     def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise CheckpointError(f"{self.folder}: not a checkpoint folder")
+        """`folder`: a checkpoint folder, or a Hub id `org/name[@revision]` in the local cache."""
+        self.folder = resolve_model(folder)
         self.config = _read_json(self.folder / "config.json")
+        _refuse_quantization_config(self.config, self.folder / "config.json")
         self.arch: Architecture = architecture_for(self.config, source=str(self.folder / "config.json"))
         self.locations = _locate_tensors(self.folder)
+        _refuse_float8(self.locations)
         self.block_names, self.other_names = self._group_by_block()
         self._check_block_count()
 
@@ -135,6 +143,28 @@ class CheckpointReader:
             raise CheckpointError(f"{self.folder}: block {block} out of range 0..{self.num_blocks - 1}")
 
 
+def _refuse_quantization_config(config: dict, source: Path) -> None:
+    quantization = config.get("quantization_config")
+    if quantization is None:
+        return
+    method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
+    raise CheckpointError(
+        f"{source}: the checkpoint is quantized (quantization_config, quant_method {method!r}); merging "
+        "quantized weights (packed integers with per-group scales) is not supported: prune the unquantized "
+        "(bf16/fp16/fp32) model, then quantize the pruned one"
+    )
+
+
+def _refuse_float8(locations: dict[str, TensorLocation]) -> None:
+    for name, location in locations.items():
+        if location.entry.dtype in FLOAT8_DTYPES:
+            raise CheckpointError(
+                f"{location.shard}: tensor {name!r} is {str(location.entry.dtype).removeprefix('torch.')} "
+                "(an FP8-quantized checkpoint, whose scales live in other tensors); merging it is not supported: "
+                "prune the bf16/fp16 model, then quantize the pruned one"
+            )
+
+
 def _read_json(path: Path) -> dict:
     try:
         with open(path) as handle:
@@ -156,6 +186,14 @@ def _locate_tensors(folder: Path) -> dict[str, TensorLocation]:
     elif (folder / SINGLE_NAME).exists():
         weight_map = None
         shard_names = [SINGLE_NAME]
+    elif any((folder / name).exists() for name in PICKLE_WEIGHTS):
+        raise CheckpointError(
+            f"{folder}: the weights are PyTorch pickles (pytorch_model*.bin), which slm_fast does not read "
+            "(they cannot be memory-mapped safely). Convert them to safetensors once, e.g. `python -c "
+            '"from transformers import AutoModelForCausalLM; '
+            f"AutoModelForCausalLM.from_pretrained('{folder}', dtype='auto').save_pretrained('CONVERTED')\"` "
+            "(loads the whole model in memory), then prune CONVERTED"
+        )
     else:
         raise CheckpointError(f"{folder}: neither {INDEX_NAME} nor {SINGLE_NAME} found")
 

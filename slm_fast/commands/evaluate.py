@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from slm_fast.checkpoint.writer import parse_size
+from slm_fast.commands.prune import MODEL_HELP
 from slm_fast.errors import InputError
 
 if TYPE_CHECKING:
@@ -29,14 +30,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "model need not fit in memory. --tasks needs `pip install 'slm-fast[eval]'`."
         ),
     )
-    parser.add_argument("model", type=Path, help="Hugging Face checkpoint folder (safetensors)")
+    parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument(
         "--ppl",
         nargs="+",
         action="extend",
         default=[],
         metavar="CORPUS",
-        help="corpus names (lambada, boolq, austen, austen:<novel>, brown) or .txt/.jsonl paths",
+        help="corpus names (lambada, boolq, austen, austen:<novel>, brown), .txt/.jsonl/.parquet files, "
+        "save_to_disk folders or cached datasets specs NAME[:CONFIG][:SPLIT]",
     )
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per perplexity window (default: 512)")
     parser.add_argument("--max-windows", type=int, default=16, help="windows per corpus, from its start (default: 16)")
@@ -70,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="auto",
         help="BOS on task requests: auto = the tokenizer's default, as the harness's hf model (default: auto)",
     )
-    parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: MODEL)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or cached Hub id (default: MODEL's)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="compute dtype (default: checkpoint's)")
     parser.add_argument(
@@ -118,14 +120,17 @@ def _evaluate(args: argparse.Namespace, workdir: Path, started: float) -> int:
 
     import torch
 
+    from slm_fast.checkpoint.locate import resolve_model
     from slm_fast.checkpoint.reader import CheckpointReader
+    from slm_fast.devices import check_device
     from slm_fast.evaluation import perplexity
     from slm_fast.evaluation.report import EvaluationReport
     from slm_fast.runtime.stream import BlockRunner
 
     budget = parse_size(args.memory_budget)
+    check_device(args.device)
     reader = CheckpointReader(args.model)
-    tokenizer = _tokenizer(args.tokenizer or args.model)
+    tokenizer = _tokenizer(resolve_model(args.tokenizer) if args.tokenizer else reader.folder)
     tasks, lm_eval_version, manager = [], None, None
     if args.tasks is not None:
         from slm_fast.evaluation.harness import lm_eval_version as installed_lm_eval

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from slm_fast.checkpoint.writer import parse_size
+from slm_fast.commands.prune import CALIB_HELP, MODEL_HELP
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -21,10 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "numbers as JSON next to the image."
         ),
     )
-    parser.add_argument("source", type=Path, help="Hugging Face checkpoint folder (safetensors)")
+    parser.add_argument("source", help=MODEL_HELP)
     parser.add_argument("--out", type=Path, required=True, help="image path (PNG); the JSON goes beside it")
     parser.add_argument("--kernel", choices=("linear", "rbf"), default="linear")
-    parser.add_argument("--calib", default="austen:emma", help="corpus name or .txt/.jsonl path")
+    parser.add_argument("--calib", default="austen:emma", help=CALIB_HELP)
+    parser.add_argument("--calib-field", default="text", help="text field of .jsonl/.parquet/datasets calibration")
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--seed", type=int, default=1234)
@@ -38,16 +40,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoTokenizer
 
-    from slm_fast.data import load_corpus, sample_calibration
+    from slm_fast.checkpoint.locate import load_tokenizer
+    from slm_fast.checkpoint.reader import CheckpointReader
+    from slm_fast.data import load_corpus, pack_calibration
+    from slm_fast.devices import check_device
     from slm_fast.heatmap import block_output_cka
     from slm_fast.plotting import plot_similarity_heatmap
 
-    tokenizer = AutoTokenizer.from_pretrained(args.source)
-    ids = sample_calibration(tokenizer, load_corpus(args.calib), args.samples, args.seq_len, args.seed)
+    check_device(args.device)
+    folder = CheckpointReader(args.source).folder  # refuses what cannot be read before calibration
+    tokenizer = load_tokenizer(folder)
+    ids = pack_calibration(
+        tokenizer, load_corpus(args.calib, field=args.calib_field), args.samples, args.seq_len, args.seed
+    )
     heatmap = block_output_cka(
-        args.source,
+        folder,
         ids,
         kernel=args.kernel,
         device=args.device,
@@ -56,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend,
         progress=not args.no_progress,
     )
-    title = f"{args.source.name}: {args.kernel} CKA of block outputs ({heatmap.tokens} tokens of {args.calib})"
+    title = f"{Path(args.source).name}: {args.kernel} CKA of block outputs ({heatmap.tokens} tokens of {args.calib})"
     plot_similarity_heatmap(heatmap.matrix, args.out, title=title)
     json_path = args.out.with_suffix(".json")
     json_path.write_text(json.dumps(heatmap.to_json() | {"calib": args.calib}, indent=1) + "\n")

@@ -8,10 +8,30 @@ from pathlib import Path
 from slm_fast.baselines import METHODS
 from slm_fast.checkpoint.writer import parse_size
 from slm_fast.criteria import CRITERIA
-from slm_fast.merge import RULES
+from slm_fast.merge import AVERAGE_SETTINGS, RULES
 from slm_fast.prune import SEARCHES, PruneOptions, estimate, prune
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# Options --preset reference fixes: parsed with default None so that an explicit one is recognised.
+# argparse dest -> PruneOptions field.
+PRESET_OPTIONS = {
+    "criterion": "criterion",
+    "rule": "rule",
+    "samples": "n_samples",
+    "seq_len": "seq_len",
+    "seed": "seed",
+    "search": "search",
+}
+AVERAGE_HELP = (
+    "per-layer settings (attention type, sliding window, RoPE) of a window merged by mean/sum/rdsc: its "
+    "low (default) or high block's; keep_high and keep_high_norms_low take the high block's, keep_low the low's"
+)
+MODEL_HELP = "checkpoint folder (safetensors), or a Hub id org/name[@revision] from the local Hugging Face cache"
+CALIB_HELP = (
+    "calibration text: austen:emma (the default, shipped with the package), another corpus name, a .txt "
+    "(documents separated by blank lines), .jsonl or .parquet file, a datasets save_to_disk folder, or a "
+    "cached datasets spec NAME[:CONFIG][:SPLIT]; documents are packed into --samples x --seq-len tokens"
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "checkpoint with slm_report.json. Give exactly one target."
         ),
     )
-    parser.add_argument("source", type=Path, help="Hugging Face checkpoint folder (safetensors)")
+    parser.add_argument("source", help=MODEL_HELP)
     parser.add_argument("output", type=Path, help="output folder (written atomically)")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--threshold", type=float, help="similarity threshold T (a window passes while S > T)")
@@ -35,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--preset",
         choices=("default", "reference"),
         default="default",
-        help="reference: the paper code's exact procedure (cosine, keep_high_norms_low, 10x128 tokens, its edge cases)",
+        help="reference: the paper code's exact procedure (cosine, keep_high_norms_low, the sliding scan, 10 "
+        "random 128-token windows of whole documents, seed 1234, its edge cases); refuses other values of those",
     )
     parser.add_argument(
         "--method",
@@ -46,18 +67,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--search",
         choices=SEARCHES,
-        default=defaults.search,
+        default=None,
         help="slm window search: best-first (each removal where the whole model stays most similar; the "
-        "default, see bench/quality.md) or sliding (the paper's top-down scan)",
+        f"default, see bench/quality.md) or sliding (the paper's top-down scan; default {defaults.search})",
     )
     parser.add_argument("--laco-merge-layers", type=int, default=defaults.laco_merge_layers, help="LaCo's MERGE_LAYERS")
     parser.add_argument("--laco-interval", type=int, default=defaults.laco_interval, help="LaCo's INTERVAL")
-    parser.add_argument("--criterion", choices=CRITERIA, default=defaults.criterion)
-    parser.add_argument("--rule", choices=RULES, default=defaults.rule, help="merge rule")
-    parser.add_argument("--calib", default=defaults.calib, help="calibration corpus name or .txt/.jsonl path")
-    parser.add_argument("--samples", type=int, default=defaults.n_samples, help="calibration samples")
-    parser.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per calibration sample")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--criterion", choices=CRITERIA, default=None, help=f"default {defaults.criterion}")
+    parser.add_argument("--rule", choices=RULES, default=None, help=f"merge rule (default {defaults.rule})")
+    parser.add_argument(
+        "--average-settings", choices=AVERAGE_SETTINGS, default=defaults.average_settings, help=AVERAGE_HELP
+    )
+    parser.add_argument("--calib", default=defaults.calib, help=CALIB_HELP)
+    parser.add_argument(
+        "--calib-field", default=defaults.calib_field, help="text field of .jsonl/.parquet/datasets calibration"
+    )
+    parser.add_argument("--samples", type=int, default=None, help=f"calibration samples (default {defaults.n_samples})")
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help=f"tokens per calibration sample (default {defaults.seq_len})"
+    )
+    parser.add_argument("--seed", type=int, default=None, help=f"calibration seed (default {defaults.seed})")
     parser.add_argument("--protect-top", type=int, default=defaults.protect_top, help="top blocks never merged")
     parser.add_argument(
         "--protect-bottom", type=int, default=defaults.protect_bottom, help="bottom blocks never merged"
@@ -103,21 +132,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    given = {field: getattr(args, arg) for arg, field in PRESET_OPTIONS.items() if getattr(args, arg) is not None}
     options = PruneOptions(
         threshold=args.threshold,
         remove=args.remove,
         ratio=args.ratio,
         preset=args.preset,
         method=args.method,
-        search=args.search,
         laco_merge_layers=args.laco_merge_layers,
         laco_interval=args.laco_interval,
-        criterion=args.criterion,
-        rule=args.rule,
+        average_settings=args.average_settings,
         calib=args.calib,
-        n_samples=args.samples,
-        seq_len=args.seq_len,
-        seed=args.seed,
+        calib_field=args.calib_field,
         protect_top=args.protect_top,
         protect_bottom=args.protect_bottom,
         speculate=args.speculate,
@@ -131,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
         out_dtype=DTYPES.get(args.out_dtype),
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        explicit=frozenset(given),
+        **given,
     )
     if args.dry_run:
         print(estimate(args.source, options))

@@ -1,4 +1,5 @@
-"""Token-id tensors from documents: calibration samples and perplexity windows."""
+"""Token-id tensors from documents: calibration samples (packed, or drawn as the reference draws them)
+and perplexity windows."""
 
 from __future__ import annotations
 
@@ -14,6 +15,61 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 DOCUMENT_SEPARATOR = "\n\n"
+
+
+def pack_calibration(
+    tokenizer: PreTrainedTokenizerBase,
+    corpus: Sequence[str],
+    n_samples: int = 10,
+    seq_len: int = 128,
+    seed: int = 1234,
+) -> torch.Tensor:
+    """`n_samples` x `seq_len` token ids (int64) packed from the documents, the way llm-compressor,
+    GPTQ and SLEB build calibration batches, so that short documents (paragraphs) are usable.
+
+    The documents are shuffled with `random.Random(seed)`, tokenized without special tokens and
+    concatenated with the tokenizer's EOS between consecutive documents (a blank line when it has no
+    EOS); the stream is cut into consecutive sequences of `seq_len` tokens, each starting with BOS when
+    the tokenizer adds one (then BOS plus `seq_len` - 1 stream tokens). Documents are tokenized only
+    until the request is met.
+
+    Raises InputError when the whole corpus is too short, stating the tokens it has and needs.
+    """
+    if n_samples < 1 or seq_len < 2:
+        raise InputError(f"need n_samples >= 1 and seq_len >= 2, got {n_samples} and {seq_len}")
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    separator = (
+        [tokenizer.eos_token_id]
+        if tokenizer.eos_token_id is not None
+        else _encode(tokenizer, DOCUMENT_SEPARATOR, add_special_tokens=False)
+    )
+    body = seq_len - len(bos)
+    needed = n_samples * body
+    order = list(range(len(corpus)))
+    random.Random(seed).shuffle(order)
+    stream: list[int] = []
+    for count, index in enumerate(order):
+        if count:
+            stream.extend(separator)
+        stream.extend(_encode(tokenizer, corpus[index], add_special_tokens=False))
+        if len(stream) >= needed:
+            break
+    if len(stream) < needed:
+        raise InputError(
+            f"the calibration corpus has {len(stream)} tokens ({len(corpus)} documents, separators included), "
+            f"but {n_samples} samples x {seq_len} tokens need {needed}"
+            + (" (plus a BOS each)" if bos else "")
+            + "; give more text or lower --samples / --seq-len"
+        )
+    return torch.tensor([bos + stream[i * body : (i + 1) * body] for i in range(n_samples)], dtype=torch.long)
+
+
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer puts BOS first when encoding with its default special tokens."""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = _encode(tokenizer, "a", add_special_tokens=True)
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
 def sample_calibration(
