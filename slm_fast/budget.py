@@ -41,8 +41,11 @@ class MemoryLayout:
     def describe(self) -> str:
         gb = 1e9
         tiers = f"states {self.state_device_bytes / gb:.2f} GB device + {self.state_host_bytes / gb:.2f} GB host"
+        short = (
+            " (below the fixed part: nothing else is kept in memory)" if self.fixed_bytes > self.budget_bytes else ""
+        )
         return (
-            f"memory budget {self.budget_bytes / gb:.2f} GB ({self.budget_source}): "
+            f"memory budget {self.budget_bytes / gb:.2f} GB ({self.budget_source}){short}: "
             f"fixed {self.fixed_bytes / gb:.2f} GB, "
             f"{tiers}, resident blocks {self.block_bytes / gb:.2f} GB, micro-batch {self.micro_batch} samples"
         )
