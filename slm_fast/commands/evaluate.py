@@ -24,9 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "evaluate",
         help="perplexity and lm-evaluation-harness tasks on a checkpoint, block-streamed",
         description=(
-            "Perplexity of windows of each --ppl corpus, and any lm-evaluation-harness log-likelihood task "
-            "(--tasks: names, groups or tags; 'all' = the seven tasks of the layer-pruning papers, which run "
-            "offline from local files) on the first --limit documents. Blocks are read one at a time, so the "
+            "Perplexity of windows of each --ppl corpus, and any lm-evaluation-harness task (log-likelihood, "
+            "rolling, greedy generation; --tasks: names, groups or tags; 'all' = the seven tasks of the "
+            "layer-pruning papers, which run offline from local files) on the first --limit documents. Blocks "
+            "are read one at a time, so the "
             "model need not fit in memory. --tasks needs `pip install 'slm-fast[eval]'`."
         ),
     )

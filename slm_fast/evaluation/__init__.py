@@ -1,6 +1,7 @@
 """Model evaluation, block-streamed so that a model larger than memory can be scored: perplexity of
-token windows (ours), and any lm-evaluation-harness log-likelihood task through `StreamedLM` (the
-harness's own task definitions; the seven tasks of the layer-pruning papers also offline).
+token windows (ours), and any lm-evaluation-harness task (log-likelihood, rolling, greedy generation)
+through `StreamedLM` (the harness's own task definitions; the seven tasks of the layer-pruning papers
+also offline).
 
 `harness_lm` and `harness` import lm-eval (the `eval` extra); import them from their modules."""
 
