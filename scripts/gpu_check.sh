@@ -8,11 +8,20 @@
 #   3. the dry run beside the measured CUDA run (the cost model's time on a GPU);
 #   4. the kernel benchmark in its quick mode.
 # Usage: scripts/gpu_check.sh   (PYTHON, SMOLLM2 (checkpoint folder) and OUT_DIR override the defaults)
+# PYTHON must see a CUDA build of torch with slm_fast importable: by default the first of .venv/bin/python
+# (which scripts/setup.sh fills with the CPU wheel) and python3 whose torch sees a GPU.
 # Exit status: 0 when every step passed and the CUDA decisions equal the CPU's, else 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-.venv/bin/python}
-[ -x "$PYTHON" ] || PYTHON=python3
+if [ -z "${PYTHON:-}" ]; then
+    for candidate in .venv/bin/python python3; do
+        if "$candidate" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+            PYTHON=$candidate
+            break
+        fi
+    done
+    PYTHON=${PYTHON:-python3}
+fi
 SMOLLM2=${SMOLLM2:-runs/smollm2}
 OUT_DIR=${OUT_DIR:-$(mktemp -d -t slm_fast_gpu_check.XXXXXX)}
 failed=()
