@@ -20,10 +20,23 @@ _REASON = cuda_backend.unavailable_reason("cuda")
 if _REASON is not None:
     pytest.skip(f"the CUDA backend cannot run here: {_REASON}", allow_module_level=True)
 
+
+def _uncentred(function):
+    """The variant with zero centres: these tests check the extension's arithmetic on the given values
+    (zero-mean data, so nothing is lost) and the oracle sees exactly what the tensor cores multiply;
+    test_gpu_kernels.py and test_similarity_offsets.py check the centring."""
+
+    def call(rows, cols, **kwargs):
+        kwargs.setdefault("centers", [torch.zeros(x.shape[1], device=x.device) for x in rows])
+        return function(rows, cols, **kwargs)
+
+    return call
+
+
 VARIANTS = {
-    "band": cuda_backend.band_kernel_sums,
-    "all_pairs": cuda_backend.all_pairs_kernel_sums,
-    "auto": cuda_backend.kernel_sums,
+    "band": _uncentred(cuda_backend.band_kernel_sums),
+    "all_pairs": _uncentred(cuda_backend.all_pairs_kernel_sums),
+    "auto": _uncentred(cuda_backend.kernel_sums),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -47,7 +60,8 @@ def _assert_close(got, want, rtol):
 
 def _oracle(rows, cols, kernel, gammas, pairs):
     cols = None if cols is None else [c.cpu() for c in cols]
-    return oracle_kernel_sums([r.cpu() for r in rows], cols, kernel=kernel, gammas=gammas, pairs=pairs)
+    zeros = [torch.zeros(r.shape[1]) for r in rows]
+    return oracle_kernel_sums([r.cpu() for r in rows], cols, kernel=kernel, gammas=gammas, pairs=pairs, centers=zeros)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -71,7 +85,7 @@ def test_small_sizes(m, k):
     rows = _layers(m, [24], torch.float16, seed=3)
     cols = None if k is None else _layers(k, [24], torch.float16, seed=4)
     pairs = torch.tensor([[0, 0]])
-    got = cuda_backend.kernel_sums(rows, cols, kernel="rbf", gammas=[0.02], pairs=pairs)
+    got = VARIANTS["auto"](rows, cols, kernel="rbf", gammas=[0.02], pairs=pairs)
     _assert_close(got, _oracle(rows, cols, "rbf", [0.02], pairs), rtol=2e-5)
 
 
@@ -82,7 +96,7 @@ def test_tf32_inputs():
     previous = torch.backends.cuda.matmul.fp32_precision
     torch.backends.cuda.matmul.fp32_precision = "tf32"
     try:
-        got = cuda_backend.kernel_sums(rows, None, kernel="rbf", gammas=_gammas([64, 64]), pairs=pairs)
+        got = VARIANTS["auto"](rows, None, kernel="rbf", gammas=_gammas([64, 64]), pairs=pairs)
     finally:
         torch.backends.cuda.matmul.fp32_precision = previous
     _assert_close(got, _oracle(rows, None, "rbf", _gammas([64, 64]), pairs), rtol=1e-2)
@@ -123,8 +137,9 @@ def test_agrees_with_other_backends(other, dtype):
     pairs = torch.tensor([[a, b] for a in range(3) for b in range(a, 3)])
     for kernel, gammas in [("linear", None), ("rbf", _gammas(widths))]:
         for c in (None, cols):
-            ours = cuda_backend.kernel_sums(rows, c, kernel=kernel, gammas=gammas, pairs=pairs)
-            theirs = module.kernel_sums(rows, c, kernel=kernel, gammas=gammas, pairs=pairs)
+            zeros = [torch.zeros(w, device="cuda") for w in widths]
+            ours = cuda_backend.kernel_sums(rows, c, kernel=kernel, gammas=gammas, pairs=pairs, centers=zeros)
+            theirs = module.kernel_sums(rows, c, kernel=kernel, gammas=gammas, pairs=pairs, centers=zeros)
             _assert_close(ours, theirs, rtol=1e-4)
 
 
@@ -136,7 +151,7 @@ def test_agrees_with_other_backends(other, dtype):
         ({"kernel": "linear"}, "takes no gammas"),
         ({"pairs": torch.tensor([[0, 2]])}, "index layers"),
         ({"block_size": 128}, "fixed at 64"),
-        ({"cols": [torch.zeros(3, 16), torch.zeros(3, 9)]}, "d = 8 but cols have d = 9"),
+        ({"cols": [torch.zeros(3, 16), torch.zeros(3, 9)]}, r"cols\[1\] has shape \(3, 9\); expected \[3, 8\]"),
     ],
 )
 def test_input_errors(change, message):

@@ -417,7 +417,8 @@ def _prepare(
 ) -> _Problem:
     """Check the inputs and centre them: each layer's tokens minus its centre in float32, then cast to
     the inputs' (promoted) dtype, in a copy whose width is padded with zeros to a multiple of
-    WIDTH_ALIGN, so that every row starts 16-element aligned and the d loop needs no ragged chunk."""
+    WIDTH_ALIGN, so that every row and stride is 16-element aligned: the divisibility Triton
+    specialises on for vectorised, pipelined loads (the fast path), whatever the layer's width."""
     inputs = check_inputs(rows, cols, kernel, gammas, pairs, centers, dtypes=SUPPORTED_DTYPES)
     rows, cols, symmetric, gammas, pair_list = inputs.rows, inputs.cols, inputs.symmetric, inputs.gammas, inputs.pairs
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in rows + cols))
