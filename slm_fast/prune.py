@@ -72,6 +72,11 @@ class PruneOptions:
         """LaCo merges by its code's effective rule; SLM by the rule chosen."""
         return LACO_RULE if self.method == "laco" else self.rule
 
+    @property
+    def scoring_criterion(self) -> str:
+        """SLEB ranks removals by calibration perplexity; every other method by `criterion`."""
+        return "ppl" if self.method == "sleb" else self.criterion
+
     def validated(self) -> PruneOptions:
         targets = [t for t in (self.threshold, self.remove, self.ratio) if t is not None]
         if len(targets) != 1:
@@ -143,7 +148,13 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
         tick = time.perf_counter()
         bar = tqdm(desc="candidates", unit="cand", disable=not options.progress)
         scorer = CandidateScorer(
-            runner, cache, reference, criterion=options.criterion, rule=options.merge_rule, on_evaluated=bar.update
+            runner,
+            cache,
+            reference,
+            criterion=options.scoring_criterion,
+            rule=options.merge_rule,
+            on_evaluated=bar.update,
+            input_ids=input_ids,
         )
         selection = _select(scorer, cache, reader, options)
         bar.close()
@@ -239,6 +250,11 @@ def _select(scorer: CandidateScorer, cache, reader: CheckpointReader, options: P
         details = {"threshold_search": log, "search": search.to_json()}
         return Selection(search.windows, [], options.merge_rule, search.similarity, details)
     count = _target_blocks(reader, options)
+    if options.method == "sleb":
+        search = baselines.sleb_search(scorer, reader.num_blocks, count)
+        dropped = sorted(lo for lo, _ in search.windows)
+        details = {"sleb": search.to_json() | {"removal_order": [lo for lo, _ in search.windows]}}
+        return Selection([], dropped, options.rule, search.similarity, details | {"target_blocks": count})
     if options.method == "shortgpt":
         scores = baselines.shortgpt_scores(cache, reader.num_blocks)
         dropped, details = baselines.shortgpt_blocks(scores, count), {"block_influence": scores}

@@ -70,7 +70,8 @@ class CandidateScorer:
     """Scores candidate models (committed windows plus one new window) against the original model.
 
     `cache` holds the original hidden state at every block boundary and `reference` the original
-    final-norm outputs [N, S, d] of the same calibration tokens.
+    final-norm outputs [N, S, d] of the same calibration tokens, `input_ids` [N, S] (needed by the
+    ppl criterion). Logit criteria (kl, ppl) go through the runner's head.
     """
 
     def __init__(
@@ -82,8 +83,10 @@ class CandidateScorer:
         criterion: str,
         rule: str,
         on_evaluated: Callable[[int], None] | None = None,
+        input_ids: Tensor | None = None,
     ):
         self.runner, self.cache, self.reference = runner, cache, reference
+        self.input_ids = input_ids
         self.criterion, self.rule = criterion, rule
         self.on_evaluated = on_evaluated
         self.scores: dict[tuple[Committed, Window], float] = {}  # (committed above, window) -> score
@@ -107,7 +110,7 @@ class CandidateScorer:
             hidden = self._run_above(torch.cat(starts), hi + 1, above)
             outputs = self.runner.final_norm(hidden).split(self.reference.shape[0])
             for window, output in zip(todo, outputs, strict=True):
-                self.scores[(above, window)] = similarity_to_reference(self.criterion, self.reference, output)
+                self.scores[(above, window)] = self._similarity(output)
             self.forward_passes += len(todo)
             if self.on_evaluated is not None:
                 self.on_evaluated(len(todo))
@@ -140,11 +143,16 @@ class CandidateScorer:
                         cursor[i] += 1
             for index, key in enumerate(todo):
                 final = self.runner.final_norm(hidden.get(index, self.cache.get(self.runner.num_blocks)))
-                self.plan_scores[key] = similarity_to_reference(self.criterion, self.reference, final)
+                self.plan_scores[key] = self._similarity(final)
             self.forward_passes += len(todo)
             if self.on_evaluated is not None:
                 self.on_evaluated(len(todo))
         return [self.plan_scores[key] for key in keys]
+
+    def _similarity(self, final: Tensor) -> float:
+        return similarity_to_reference(
+            self.criterion, self.reference, final, head=self.runner.logits, input_ids=self.input_ids
+        )
 
     def cached_score(self, committed: Committed, window: Window) -> float:
         return self.scores[(self._above(committed, window[1]), window)]

@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--method",
         choices=METHODS,
         default=defaults.method,
-        help="slm, or a peer baseline: shortgpt (block influence), gromov (angular distance), laco, last-n",
+        help="slm, or a peer baseline: shortgpt (block influence), gromov (angular distance), laco, last-n, "
+        "sleb (greedy removal by calibration perplexity)",
     )
     parser.add_argument(
         "--search",
