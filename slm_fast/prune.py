@@ -22,6 +22,7 @@ from slm_fast import baselines
 from slm_fast.baselines import LACO_RULE, METHODS
 from slm_fast.checkpoint.reader import CheckpointReader
 from slm_fast.checkpoint.staging import check_output_location
+from slm_fast.compensate import DEFAULT_RIDGE, check_compensation, fit_linear
 from slm_fast.criteria import check_criterion
 from slm_fast.errors import InputError
 from slm_fast.export import export_merged_checkpoint
@@ -59,6 +60,8 @@ class PruneOptions:
     protect_top: int = 1
     protect_bottom: int = 0
     speculate: int = 1
+    compensate: str = "none"  # or "linear": fit a correction of each pruned span (slm_fast/compensate.py)
+    compensate_ridge: float = DEFAULT_RIDGE
     device: str = "cpu"
     dtype: str | None = None  # compute dtype; None = the checkpoint's (fp16 runs in fp32 on the CPU)
     memory_budget: int = 8 * 10**9  # bytes for resident blocks plus cached hidden states
@@ -99,6 +102,9 @@ class PruneOptions:
             raise InputError(f"--speculate must be >= 1, got {self.speculate}")
         check_criterion(self.criterion)
         check_rule(self.rule)
+        check_compensation(self.compensate)
+        if self.compensate_ridge < 0:
+            raise InputError(f"--compensate-ridge must be >= 0, got {self.compensate_ridge}")
         return self
 
 
@@ -159,11 +165,21 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
         selection = _select(scorer, cache, reader, options)
         bar.close()
         timings["search"] = time.perf_counter() - tick
+        compensation = None
+        if options.compensate == "linear":
+            tick = time.perf_counter()
+            plan = output_blocks(selection.windows, reader.num_blocks, selection.dropped)
+            compensation = fit_linear(
+                runner, cache, plan, rule=selection.rule, ridge=options.compensate_ridge, progress=options.progress
+            )
+            timings["compensate"] = time.perf_counter() - tick
     finally:
         cache.close()
 
     report = _report_json(reader, options, input_ids, selection, scorer)
     report["timings_s"] = timings
+    if compensation is not None:
+        report["compensation"] = compensation.to_json()
     tick = time.perf_counter()
     exported = export_merged_checkpoint(
         reader,
@@ -175,8 +191,14 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
         max_shard_bytes=options.shard_size,
         overwrite=options.overwrite,
         progress=options.progress,
-        provenance={"report": REPORT_NAME, "method": options.method, "criterion": options.criterion},
+        provenance={
+            "report": REPORT_NAME,
+            "method": options.method,
+            "criterion": options.criterion,
+            "compensate": options.compensate,
+        },
         extra_files={REPORT_NAME: json.dumps(report, indent=1) + "\n"},
+        block_transform=None if compensation is None else compensation.fold,
     )
     # The write's own figures are known only now: the report is replaced atomically with them added.
     timings["write"] = time.perf_counter() - tick
