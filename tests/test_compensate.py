@@ -47,8 +47,8 @@ def dense_oracle(source, tmp_path, windows, dropped, rule):
     for position, target in sorted(compensate.carriers(plan, 8).items()):
         layer, seen = model.model.layers[position], {}
         hooks = [
-            layer.mlp.register_forward_hook(lambda m, a, out: seen.__setitem__("m", out)),
-            layer.register_forward_hook(lambda m, a, out: seen.__setitem__("o", out)),
+            layer.mlp.register_forward_hook(lambda m, a, out, seen=seen: seen.__setitem__("m", out)),
+            layer.register_forward_hook(lambda m, a, out, seen=seen: seen.__setitem__("o", out)),
         ]
         with torch.no_grad():
             model(IDS)
@@ -99,7 +99,8 @@ def test_linear_compensation_matches_a_dense_solve(source, tmp_path, monkeypatch
 
 def test_solve_ridge_is_the_regularised_least_squares():
     gen = torch.Generator().manual_seed(0)
-    m, r = torch.randn(50, 10, generator=gen, dtype=torch.float64), torch.randn(50, 10, generator=gen, dtype=torch.float64)
+    m = torch.randn(50, 10, generator=gen, dtype=torch.float64)
+    r = torch.randn(50, 10, generator=gen, dtype=torch.float64)
     t = compensate.solve_ridge(m.T @ m, m.T @ r, 0.5)
     lam = 0.5 * m.square().sum() / 10
     eye = torch.eye(10, dtype=torch.float64)
