@@ -166,7 +166,10 @@ def _load(source: Path) -> tuple[nn.Module, torch.dtype]:
 def prepare(model: nn.Module, options: HealOptions) -> nn.Module:
     """LoRA adapters on the projections, or everything frozen but lm_head and the last blocks."""
     if options.mode == "lora":
-        from peft import LoraConfig, get_peft_model
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as exc:
+            raise InputError("LoRA healing needs peft: pip install 'slm-fast[heal]' (or use --partial)") from exc
 
         names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
         targets = sorted(names & set(LORA_TARGETS + FUSED_TARGETS))
