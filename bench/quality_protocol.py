@@ -10,6 +10,11 @@ next-token NLL is one observation, so perplexity is exp(mean) with a standard er
 (delta method: se(ppl) = ppl x se(mean NLL)), and two models are compared by the paired difference of
 their window NLLs (same windows), whose standard error is much smaller than either model's.
 
+A "+comp" row whose row without compensation has been pruned reuses that selection: the search is
+deterministic, so `prune --compensate linear` would choose the same; the bench calibrates, fits and
+writes exactly as prune does (slm_fast.compensate.fit_linear, export with the fold) and reports the
+base row's calibration + search seconds plus the compensation's and the write's.
+
 The default configuration is the one of lowest mean validation log-perplexity among those run; the
 held-out table then says where it wins and where it loses. Results accumulate in a JSON file (an
 interrupted run resumes), pruned models in --workdir (an existing OUT with slm_report.json is reused).
@@ -66,6 +71,44 @@ def prune(model: Path, out: Path, remove: int, flags: list[str]) -> dict:
         "windows": report["windows"],
         "dropped": report["dropped"],
         "compensation": report.get("compensation"),
+    }
+
+
+def compensate_selection(model: Path, base: Path, out: Path) -> dict:
+    """`base`'s selection (its slm_report.json) with --compensate linear, written to `out`."""
+    from slm_fast.checkpoint.reader import CheckpointReader
+    from slm_fast.compensate import fit_linear
+    from slm_fast.export import export_merged_checkpoint
+    from slm_fast.prune import PruneOptions, calibration_ids
+    from slm_fast.runtime.cache import HiddenStateCache
+    from slm_fast.runtime.stream import BlockRunner, calibrate
+    from slm_fast.windows import output_blocks
+
+    report = json.loads((base / "slm_report.json").read_text())
+    options = PruneOptions(**report["options"])
+    reader = CheckpointReader(model)
+    windows, dropped = [tuple(w) for w in report["windows"]], report["dropped"]
+    tick = time.perf_counter()
+    runner, cache = BlockRunner(reader, block_budget_bytes=10**9), HiddenStateCache()
+    calibrate(runner, calibration_ids(reader.folder, options), cache, progress=False)
+    plan = output_blocks(windows, reader.num_blocks, dropped)
+    fitted = fit_linear(runner, cache, plan, rule=report["rule"], ridge=options.compensate_ridge, progress=False)
+    cache.close()
+    seconds = time.perf_counter() - tick
+    tick = time.perf_counter()
+    export_merged_checkpoint(reader, out, windows, dropped=dropped, rule=report["rule"], overwrite=True,
+                             progress=False, block_transform=fitted.fold)  # fmt: skip
+    write = time.perf_counter() - tick
+    base_timings = report["timings_s"]
+    timings = {"calibrate": base_timings["calibrate"], "search": base_timings["search"], "compensate": seconds}
+    timings["write"] = write
+    return {
+        "seconds": sum(timings.values()),
+        "timings": timings,
+        "windows": report["windows"],
+        "dropped": dropped,
+        "compensation": fitted.to_json(),
+        "derived_from": str(base),
     }
 
 
@@ -137,14 +180,22 @@ def main() -> None:
                 key = f"{remove}/{name}"
                 if "nll" in results.get(key, {}):
                     continue
-                out = args.workdir / f"{remove}-{name.replace(' ', '_')}"
-                row = {"prune": prune(args.model, out, remove, CONFIGS[name])}
+                out = _outdir(args.workdir, remove, name)
+                base = _outdir(args.workdir, remove, name.removesuffix("+comp"))
+                if name.endswith("+comp") and (base / "slm_report.json").is_file() and not out.exists():
+                    row = {"prune": compensate_selection(args.model, base, out)}
+                else:
+                    row = {"prune": prune(args.model, out, remove, CONFIGS[name])}
                 row["nll"] = score(out, args.windows)
                 results[key] = row
                 print(f"{key}: validation {validation_score(row):.4f}", flush=True)
                 save()
     args.out.write_text(markdown(results, args))
     print(args.out.read_text())
+
+
+def _outdir(workdir: Path, remove: int, name: str) -> Path:
+    return workdir / f"{remove}-{name.replace(' ', '_')}"
 
 
 def markdown(results: dict, args: argparse.Namespace) -> str:
@@ -200,6 +251,8 @@ def _row(name: str, row: dict, mark: str) -> str:
     info = row.get("prune")
     seconds = "" if info is None else f"{info['seconds']:.0f}"
     selection = "" if info is None else _selection(info)
+    if info is not None and info.get("derived_from"):
+        mark = " ".join(filter(None, [mark, "(selection of the row without comp)"]))
     val = f"{validation_score(row):.4f}"
     return "| " + " | ".join([name, val, *ppl, seconds, selection, mark]) + " |"
 
