@@ -23,7 +23,7 @@ from slm_fast.baselines import LACO_RULE, METHODS
 from slm_fast.checkpoint.reader import CheckpointReader
 from slm_fast.checkpoint.staging import check_output_location
 from slm_fast.compensate import DEFAULT_RIDGE, check_compensation, fit_linear
-from slm_fast.criteria import check_criterion
+from slm_fast.criteria import LOGIT_CRITERIA, check_criterion
 from slm_fast.errors import InputError
 from slm_fast.export import export_merged_checkpoint
 from slm_fast.merge import check_rule
@@ -102,6 +102,12 @@ class PruneOptions:
             raise InputError(f"--speculate must be >= 1, got {self.speculate}")
         check_criterion(self.criterion)
         check_rule(self.rule)
+        scanned = self.method == "laco" or (self.method == "slm" and self.search == "sliding")
+        if scanned and self.threshold is None and self.criterion in LOGIT_CRITERIA:
+            raise InputError(
+                f"--criterion {self.criterion} scores are minus nats (<= 0), outside the [0, 1] range the "
+                "threshold search spans: give --threshold, or use --search best-first"
+            )
         check_compensation(self.compensate)
         if self.compensate_ridge < 0:
             raise InputError(f"--compensate-ridge must be >= 0, got {self.compensate_ridge}")

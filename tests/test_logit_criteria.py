@@ -87,3 +87,13 @@ def test_sleb_matches_the_whole_model_loop(setup):
 def test_sleb_needs_the_ppl_scorer(setup):
     with pytest.raises(ValueError, match="perplexity"):
         baselines.sleb_search(scorer_for(setup, "cosine"), 8, 2)
+
+
+def test_threshold_search_refuses_logit_criteria():
+    from slm_fast.errors import InputError
+    from slm_fast.prune import PruneOptions
+
+    with pytest.raises(InputError, match="best-first"):
+        PruneOptions(remove=2, search="sliding", criterion="kl").validated()
+    PruneOptions(threshold=-0.5, search="sliding", criterion="kl").validated()
+    PruneOptions(remove=2, criterion="ppl").validated()
