@@ -2,7 +2,7 @@
 `slm-fast prune` report), fit `--compensate linear` at several ridges and calibration sizes and score
 each on the validation corpora of bench/quality_protocol.py (never the held-out ones).
 
-    python bench/compensation_sweep.py --model /work/wt/smollm2 --report OUT/slm_report.json \
+    PYTHONPATH=. python bench/compensation_sweep.py --model /work/wt/smollm2 --report OUT/slm_report.json \
         --ridges 1e-3 1e-2 1e-1 --samples 10 64
 """
 

@@ -19,7 +19,10 @@ The default configuration is the one of lowest mean validation log-perplexity am
 held-out table then says where it wins and where it loses. Results accumulate in a JSON file (an
 interrupted run resumes), pruned models in --workdir (an existing OUT with slm_report.json is reused).
 
-    python bench/quality_protocol.py --model /work/wt/smollm2 --remove 6 --configs default default+comp sleb sleb+comp
+    PYTHONPATH=. python bench/quality_protocol.py --model /work/wt/smollm2 --remove 6 \
+        --configs default default+comp sleb sleb+comp
+
+(PYTHONPATH=. makes the in-process parts import this tree when another one is installed editable.)
 """
 
 from __future__ import annotations
