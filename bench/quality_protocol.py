@@ -44,10 +44,13 @@ COMPENSATE = ["--compensate", "linear"]
 CONFIGS: dict[str, list[str]] = {
     "default": [],
     "default+comp": COMPENSATE,
+    "default+comp ridge 1": [*COMPENSATE, "--compensate-ridge", "1"],
     "kl best-first": ["--criterion", "kl"],
     "kl best-first+comp": ["--criterion", "kl", *COMPENSATE],
     "sleb": ["--method", "sleb"],
     "sleb+comp": ["--method", "sleb", *COMPENSATE],
+    "sleb+comp ridge 1": ["--method", "sleb", *COMPENSATE, "--compensate-ridge", "1"],
+    "sleb+comp ridge 10": ["--method", "sleb", *COMPENSATE, "--compensate-ridge", "10"],
     "shortgpt": ["--method", "shortgpt"],
     "shortgpt+comp": ["--method", "shortgpt", *COMPENSATE],
     "gromov": ["--method", "gromov"],
@@ -77,8 +80,9 @@ def prune(model: Path, out: Path, remove: int, flags: list[str]) -> dict:
     }
 
 
-def compensate_selection(model: Path, base: Path, out: Path) -> dict:
-    """`base`'s selection (its slm_report.json) with --compensate linear, written to `out`."""
+def compensate_selection(model: Path, base: Path, out: Path, flags: list[str]) -> dict:
+    """`base`'s selection (its slm_report.json) with --compensate linear (and the ridge in `flags`, if
+    any), written to `out`."""
     from slm_fast.checkpoint.reader import CheckpointReader
     from slm_fast.compensate import fit_linear
     from slm_fast.export import export_merged_checkpoint
@@ -89,6 +93,8 @@ def compensate_selection(model: Path, base: Path, out: Path) -> dict:
 
     report = json.loads((base / "slm_report.json").read_text())
     options = PruneOptions(**report["options"])
+    if "--compensate-ridge" in flags:
+        options.compensate_ridge = float(flags[flags.index("--compensate-ridge") + 1])
     reader = CheckpointReader(model)
     windows, dropped = [tuple(w) for w in report["windows"]], report["dropped"]
     tick = time.perf_counter()
@@ -184,9 +190,9 @@ def main() -> None:
                 if "nll" in results.get(key, {}):
                     continue
                 out = _outdir(args.workdir, remove, name)
-                base = _outdir(args.workdir, remove, name.removesuffix("+comp"))
-                if name.endswith("+comp") and (base / "slm_report.json").is_file() and not out.exists():
-                    row = {"prune": compensate_selection(args.model, base, out)}
+                base = _outdir(args.workdir, remove, name.split("+comp")[0])
+                if "+comp" in name and (base / "slm_report.json").is_file() and not out.exists():
+                    row = {"prune": compensate_selection(args.model, base, out, CONFIGS[name])}
                 else:
                     row = {"prune": prune(args.model, out, remove, CONFIGS[name])}
                 row["nll"] = score(out, args.windows)
@@ -240,7 +246,7 @@ def _pairs(results: dict, remove: int) -> list[tuple[str, str]]:
     """Each compensated configuration against the same selection without compensation, and the chosen
     one against every other."""
     keys = [k for k in results if k.startswith(f"{remove}/") and "nll" in results[k]]
-    pairs = [(k, k.removesuffix("+comp")) for k in keys if k.endswith("+comp") and k.removesuffix("+comp") in keys]
+    pairs = [(k, k.split("+comp")[0]) for k in keys if "+comp" in k and k.split("+comp")[0] in keys]
     chosen = min(keys, key=lambda k: validation_score(results[k]))
     pairs += [(chosen, k) for k in keys if k != chosen and (chosen, k) not in pairs]
     return pairs
