@@ -10,6 +10,10 @@ the comparison differs only in the method (reference/peers.md section 2):
   stays above the threshold (a merged layer can be merged again), with the effective rule of its code
   (the top layer's projections, the bottom layer's norms: keep_high_norms_low).
 - last-n: drop the n blocks just below the final one.
+- SLEB (2402.09025): remove blocks one at a time, each time the block whose removal from the current
+  model costs least calibration perplexity; the first and last blocks are never removed. Each step
+  scores every remaining candidate in one block-streamed sweep (CandidateScorer.score_plans with the
+  ppl criterion).
 
 h_i is the residual stream at block boundary i (the input of block i; h_L the last block's output,
 before the final norm), read from the calibration cache. The peers' code takes Hugging Face's
@@ -24,9 +28,9 @@ from slm_fast.errors import InputError
 from slm_fast.runtime.cache import HiddenStateCache
 from slm_fast.similarity import angular_distance, block_influence
 from slm_fast.slm import Candidate, CandidateScorer, SearchResult
-from slm_fast.windows import Window
+from slm_fast.windows import Window, output_blocks
 
-METHODS = ("slm", "shortgpt", "gromov", "laco", "last-n")
+METHODS = ("slm", "shortgpt", "gromov", "laco", "last-n", "sleb")
 LACO_RULE = "keep_high_norms_low"
 
 
@@ -91,6 +95,28 @@ def laco_search(
         else:
             lay -= 1
     result.windows = [w for w in layers if w[0] != w[1]]
+    return result
+
+
+def sleb_search(scorer: CandidateScorer, num_blocks: int, remove: int) -> SearchResult:
+    """SLEB's greedy loop; `scorer` must score by the ppl criterion (minus calibration log-perplexity).
+    Returns the dropped blocks as one-block windows in removal order, every candidate scored (the
+    similarity is minus the log-perplexity of the model with that block also removed)."""
+    if scorer.criterion != "ppl":
+        raise ValueError(f"SLEB ranks removals by perplexity, not by {scorer.criterion}")
+    _check_count(remove, max(num_blocks - 2, 0))
+    dropped: list[int] = []
+    result = SearchResult(threshold=None, windows=[])
+    for step in range(1, remove + 1):
+        candidates = [b for b in range(1, num_blocks - 1) if b not in dropped]
+        scores = scorer.score_plans([output_blocks([], num_blocks, [*dropped, b]) for b in candidates])
+        best = max(range(len(candidates)), key=scores.__getitem__)
+        for index, (block, score) in enumerate(zip(candidates, scores, strict=True)):
+            note = f"step {step}" + (", removed" if index == best else "")
+            result.candidates.append(Candidate(block, block, score, index == best, note))
+        dropped.append(candidates[best])
+        result.similarity = scores[best]
+    result.windows = [(b, b) for b in dropped]
     return result
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,6 +74,7 @@ def export_merged_checkpoint(
     progress: bool = True,
     provenance: dict | None = None,
     extra_files: dict[str, str] | None = None,
+    block_transform: Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> ExportResult:
     """Merge each window [lo, hi] of `source` into one block at lo, leave out the `dropped` blocks,
     renumber, and write to `output`.
@@ -82,6 +84,8 @@ def export_merged_checkpoint(
     otherwise floating tensors are stored in `dtype`.
     `provenance` adds fields to the slm_fast.json record; `extra_files` (name -> text) are written
     into the output folder too (e.g. the pruning report), inside the same atomic rename.
+    `block_transform(position, tensors)` may replace an output block's tensors (same names, shapes and
+    dtypes) before they are written, e.g. to fold a fitted compensation into them.
     """
     started = time.perf_counter()
     reader = source if isinstance(source, CheckpointReader) else CheckpointReader(source)
@@ -105,6 +109,8 @@ def export_merged_checkpoint(
                 merged = merge_window(
                     reader.read_block, lo, hi, rule, is_projection=reader.arch.is_projection, out_dtype=dtype
                 )
+                if block_transform is not None:
+                    merged = block_transform(position, merged)
                 for name, tensor in merged.items():
                     writer.write(f"{reader.arch.block_prefix}{position}.{name}", tensor)
                 del merged

@@ -25,7 +25,8 @@ from slm_fast.budget import plan_memory
 from slm_fast.checkpoint.locate import load_tokenizer
 from slm_fast.checkpoint.reader import CheckpointReader
 from slm_fast.checkpoint.staging import check_output_location, ensure_free_space
-from slm_fast.criteria import check_criterion
+from slm_fast.compensate import DEFAULT_RIDGE, check_compensation, fit_linear
+from slm_fast.criteria import LOGIT_CRITERIA, check_criterion
 from slm_fast.devices import check_device
 from slm_fast.errors import InputError
 from slm_fast.export import export_merged_checkpoint, output_nbytes
@@ -71,6 +72,8 @@ class PruneOptions:
     protect_top: int = 1
     protect_bottom: int = 0
     speculate: int = 1
+    compensate: str = "none"  # or "linear": fit a correction of each pruned span (slm_fast/compensate.py)
+    compensate_ridge: float = DEFAULT_RIDGE
     device: str = "cpu"
     dtype: str | None = None  # compute dtype; None = the checkpoint's (fp16 runs in fp32 on the CPU)
     memory_budget: int | None = None  # bytes for blocks and hidden states; None: from free GPU memory / RAM
@@ -89,6 +92,11 @@ class PruneOptions:
     def merge_rule(self) -> str:
         """LaCo merges by its code's effective rule; SLM by the rule chosen."""
         return LACO_RULE if self.method == "laco" else self.rule
+
+    @property
+    def scoring_criterion(self) -> str:
+        """SLEB ranks removals by calibration perplexity; every other method by `criterion`."""
+        return "ppl" if self.method == "sleb" else self.criterion
 
     def validated(self) -> PruneOptions:
         targets = [t for t in (self.threshold, self.remove, self.ratio) if t is not None]
@@ -120,6 +128,15 @@ class PruneOptions:
             raise InputError(f"need --samples >= 1 and --seq-len >= 2, got {self.n_samples} and {self.seq_len}")
         check_criterion(self.criterion)
         check_rule(self.rule)
+        scanned = self.method == "laco" or (self.method == "slm" and self.search == "sliding")
+        if scanned and self.threshold is None and self.criterion in LOGIT_CRITERIA:
+            raise InputError(
+                f"--criterion {self.criterion} scores are minus nats (<= 0), outside the [0, 1] range the "
+                "threshold search spans: give --threshold, or use --search best-first"
+            )
+        check_compensation(self.compensate)
+        if self.compensate_ridge < 0:
+            raise InputError(f"--compensate-ridge must be >= 0, got {self.compensate_ridge}")
         check_average_settings(self.average_settings)
         check_device(self.device)
         return self
@@ -220,12 +237,13 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
             runner,
             cache,
             reference,
-            criterion=options.criterion,
+            criterion=options.scoring_criterion,
             rule=options.merge_rule,
             average_settings=options.average_settings,
             on_evaluated=bar.update,
             on_scored=journal.record,
             states=plan_states,
+            input_ids=input_ids,
         )
         scorer.scores, scorer.plan_scores = journal.scores()
         if journal.resumed:
@@ -234,6 +252,20 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
         bar.close()
         timings["search"] = time.perf_counter() - tick
         state_stats = combined_stats(cache.store.ledger, plan_states.ledger)
+        compensation = None
+        if options.compensate == "linear":
+            tick = time.perf_counter()
+            plan = output_blocks(selection.windows, reader.num_blocks, selection.dropped)
+            compensation = fit_linear(
+                runner,
+                cache,
+                plan,
+                rule=selection.rule,
+                average_settings=options.average_settings,
+                ridge=options.compensate_ridge,
+                progress=options.progress,
+            )
+            timings["compensate"] = time.perf_counter() - tick
     finally:
         cache.close()
         plan_states.close()
@@ -247,6 +279,8 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
     report["memory"] = layout.to_json()
     report["resumed"] = journal.resumed
     report["cost"] = _cost_report(reader, options, layout, rates, runner, scorer, state_stats, timings, predicted)
+    if compensation is not None:
+        report["compensation"] = compensation.to_json()
     tick = time.perf_counter()
     exported = export_merged_checkpoint(
         reader,
@@ -259,8 +293,14 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
         max_shard_bytes=options.shard_size,
         overwrite=options.overwrite,
         progress=options.progress,
-        provenance={"report": REPORT_NAME, "method": options.method, "criterion": options.criterion},
+        provenance={
+            "report": REPORT_NAME,
+            "method": options.method,
+            "criterion": options.criterion,
+            "compensate": options.compensate,
+        },
         extra_files={REPORT_NAME: json.dumps(report, indent=1) + "\n"},
+        block_transform=None if compensation is None else compensation.fold,
     )
     # The write's own figures are known only now: the report is replaced atomically with them added.
     timings["write"] = time.perf_counter() - tick
@@ -465,6 +505,11 @@ def _select(scorer: CandidateScorer, cache, reader: CheckpointReader, options: P
         details = {"threshold_search": log, "search": search.to_json()}
         return Selection(search.windows, [], options.merge_rule, search.similarity, details)
     count = _target_blocks(reader, options)
+    if options.method == "sleb":
+        search = baselines.sleb_search(scorer, reader.num_blocks, count)
+        dropped = sorted(lo for lo, _ in search.windows)
+        details = {"sleb": search.to_json() | {"removal_order": [lo for lo, _ in search.windows]}}
+        return Selection([], dropped, options.rule, search.similarity, details | {"target_blocks": count})
     if options.method == "shortgpt":
         scores = baselines.shortgpt_scores(cache, reader.num_blocks)
         dropped, details = baselines.shortgpt_blocks(scores, count), {"block_influence": scores}

@@ -150,9 +150,10 @@ class CandidateScorer:
     """Scores candidate models (committed windows plus one new window) against the original model.
 
     `cache` holds the original hidden state at every block boundary, in chunks of samples, and
-    `reference` the original final-norm outputs [N, S, d] of the same calibration tokens. The plan
-    states of a sweep live in `states` (default: the cache's store), so a memory budget bounds them
-    (what does not fit goes to host memory, then disk), and each runs one chunk of samples at a time.
+    `reference` the original final-norm outputs [N, S, d] of the same calibration tokens, `input_ids`
+    [N, S] (needed by the ppl criterion); logit criteria (kl, ppl) go through the runner's head. The
+    plan states of a sweep live in `states` (default: the cache's store), so a memory budget bounds
+    them (what does not fit goes to host memory, then disk), and each runs one chunk of samples at a time.
 
     Every score is memoised (`scores` for the sliding scan, `plan_scores` for whole plans);
     `on_scored(kind, key, score)` sees each new one (the run journal), and entries put into the two
@@ -171,9 +172,11 @@ class CandidateScorer:
         on_evaluated: Callable[[int], None] | None = None,
         on_scored: Callable[[str, tuple, float], None] | None = None,
         states: TieredStore | None = None,
+        input_ids: Tensor | None = None,
     ):
         self.runner, self.cache, self.reference = runner, cache, reference
         self.states = states or cache.store  # where the sweeps keep plan states
+        self.input_ids = input_ids
         self.criterion, self.rule, self.average_settings = criterion, rule, average_settings
         self.on_evaluated = on_evaluated
         self.on_scored = on_scored
@@ -206,7 +209,7 @@ class CandidateScorer:
             hidden = self._run_above(torch.cat(starts), hi + 1, above)
             outputs = self.runner.final_norm(hidden).split(self.reference.shape[0])
             for window, output in zip(todo, outputs, strict=True):
-                score = similarity_to_reference(self.criterion, self.reference, output)
+                score = self._similarity([output])
                 self.scores[(above, window)] = score
                 if self.on_scored is not None:
                     self.on_scored("window", (above, window), score)
@@ -273,10 +276,16 @@ class CandidateScorer:
     def _similarity(self, finals) -> float:
         """The criterion on a candidate's final-norm outputs, given chunk by chunk. Cosine is a mean over
         samples, so it is taken one sample at a time (memory of one chunk, whatever the calibration
-        size); the other criteria see all tokens at once."""
+        size); the other criteria see all tokens at once (the logit criteria stream the head's output
+        over token chunks)."""
         if self.criterion != "cosine":
-            finals = list(finals)
-            return similarity_to_reference(self.criterion, self.reference, torch.cat(finals))
+            return similarity_to_reference(
+                self.criterion,
+                self.reference,
+                torch.cat(list(finals)),
+                head=self.runner.logits,
+                input_ids=self.input_ids,
+            )
         per_sample, row = [], 0
         for final in finals:
             for sample in final.split(1):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from slm_fast.baselines import METHODS
 from slm_fast.checkpoint.writer import parse_size
+from slm_fast.compensate import COMPENSATIONS
 from slm_fast.criteria import CRITERIA
 from slm_fast.merge import AVERAGE_SETTINGS, RULES
 from slm_fast.prune import SEARCHES, PruneOptions, estimate, prune
@@ -62,7 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--method",
         choices=METHODS,
         default=defaults.method,
-        help="slm, or a peer baseline: shortgpt (block influence), gromov (angular distance), laco, last-n",
+        help="slm, or a peer baseline: shortgpt (block influence), gromov (angular distance), laco, last-n, "
+        "sleb (greedy removal by calibration perplexity)",
     )
     parser.add_argument(
         "--search",
@@ -96,6 +98,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=defaults.speculate,
         help="window extents evaluated per pass (each upper block loaded once for all)",
+    )
+    parser.add_argument(
+        "--compensate",
+        choices=COMPENSATIONS,
+        default=defaults.compensate,
+        help="linear: after selection, fit on the calibration states a linear map per pruned span, folded into "
+        "the down projection of the block that replaces it (ReplaceMe-style; same architecture out)",
+    )
+    parser.add_argument(
+        "--compensate-ridge",
+        type=float,
+        default=defaults.compensate_ridge,
+        help="ridge toward no correction, relative to the mean eigenvalue of M^T M",
     )
     parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ...")
     parser.add_argument(
@@ -147,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
         protect_top=args.protect_top,
         protect_bottom=args.protect_bottom,
         speculate=args.speculate,
+        compensate=args.compensate,
+        compensate_ridge=args.compensate_ridge,
         device=args.device,
         dtype=DTYPES.get(args.dtype),
         memory_budget=None if args.memory_budget is None else parse_size(args.memory_budget),
