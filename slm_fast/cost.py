@@ -111,19 +111,19 @@ class Replay:
             self.ledger.read(("boundary", num_blocks, c))
 
     def sweep(self, plans: list[tuple[Window, ...]]) -> None:
-        from slm_fast.slm import SharedStates, sweep_schedule
+        from slm_fast.slm import Entry, SharedStates, sweep_schedule
 
         num_blocks = self.reader.num_blocks
         schedule = sweep_schedule(plans, num_blocks)
         self.residency.plan([self._spec(w).key for _, groups in schedule for w, _ in groups])
-        shared = SharedStates()
-        for block, groups in schedule:
+        shared = SharedStates(plans)
+        for _, groups in schedule:
             for window, members in groups:
                 self._use(self._spec(window))
                 for source, target in shared.advance(members):
                     for c, size in enumerate(self.chunk_bytes):
-                        if source is None:
-                            self.ledger.read(("boundary", block, c))
+                        if isinstance(source, Entry):
+                            self.ledger.read(("boundary", source.boundary, c))
                         else:
                             self.plan_ledger.read(("state", source, c))
                         self._forward(c)
@@ -132,10 +132,10 @@ class Replay:
                         self.counts.max_plan_state_bytes = max(self.counts.max_plan_state_bytes, held)
                     self._release(shared.drop_if_unheld(source))
         for index in range(len(plans)):
-            source = shared.state_of.get(index)
+            source = shared.source(index)
             for c in range(len(self.chunks)):
-                if source is None:
-                    self.ledger.read(("boundary", num_blocks, c))
+                if isinstance(source, Entry):
+                    self.ledger.read(("boundary", source.boundary, c))
                 else:
                     self.plan_ledger.read(("state", source, c))
             self._release(shared.finish(index))
@@ -193,7 +193,7 @@ def sharing_gain(plans_per_sweep: list[list[tuple[Window, ...]]], num_blocks: in
 
     alone = shared = 0
     for plans in plans_per_sweep:
-        states = SharedStates()
+        states = SharedStates(plans)
         for _, groups in sweep_schedule(plans, num_blocks):
             for _, members in groups:
                 alone += len(members)

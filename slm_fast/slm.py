@@ -103,36 +103,51 @@ def sweep_schedule(
     return schedule
 
 
+@dataclass(frozen=True)
+class Entry:
+    """The original model's hidden state at block boundary `boundary`: where a plan that has not yet
+    run a window of its own starts from (its departure; a plan whose first change is a dropped block
+    enters below the block it runs first)."""
+
+    boundary: int
+
+
 class SharedStates:
     """Which plans of a sweep hold the same hidden state. Plans that ran the same windows on the same
     input hold identical states (bit for bit), so each distinct history is computed and stored once;
     a state is released when no plan holds it any more. The sweep and the cost model both use this."""
 
-    def __init__(self):
-        self.state_of: dict[int, int] = {}  # plan -> state id (absent: still the original model's)
+    def __init__(self, plans: list[tuple[Window, ...]]):
+        self.entries = [_departure(list(plan)) for plan in plans]  # plan -> boundary it enters from
+        self.state_of: dict[int, int] = {}  # plan -> state id (absent: still at its entry boundary)
         self.holders: dict[int, int] = {}  # state id -> plans holding it
         self._ids = itertools.count()
 
-    def advance(self, members: list[int]) -> list[tuple[int | None, int]]:
-        """The plans `members` run the same block next: one (source state, new state) pair per distinct
+    def source(self, plan: int) -> int | Entry:
+        """What `plan` holds now: a state id, or the original state at its entry boundary."""
+        state = self.state_of.get(plan)
+        return Entry(self.entries[plan]) if state is None else state
+
+    def advance(self, members: list[int]) -> list[tuple[int | Entry, int]]:
+        """The plans `members` run the same block next: one (source, new state) pair per distinct
         source; the members move to the new states."""
-        by_source: dict[int | None, list[int]] = {}
+        by_source: dict[int | Entry, list[int]] = {}
         for plan in members:
-            by_source.setdefault(self.state_of.get(plan), []).append(plan)
+            by_source.setdefault(self.source(plan), []).append(plan)
         moves = []
         for source, plans in by_source.items():
             target = next(self._ids)
             for plan in plans:
                 self.state_of[plan] = target
             self.holders[target] = len(plans)
-            if source is not None:
+            if not isinstance(source, Entry):
                 self.holders[source] -= len(plans)
             moves.append((source, target))
         return moves
 
-    def drop_if_unheld(self, state: int | None) -> int | None:
+    def drop_if_unheld(self, state: int | Entry) -> int | None:
         """`state` if no plan holds it any more (forgotten, to be released), else None."""
-        if state is not None and self.holders.get(state) == 0:
+        if not isinstance(state, Entry) and self.holders.get(state) == 0:
             del self.holders[state]
             return state
         return None
@@ -241,26 +256,26 @@ class CandidateScorer:
         store, chunks, num_blocks = self.states, range(len(self.cache.chunks)), self.runner.num_blocks
         schedule = sweep_schedule(todo, num_blocks)
         self.runner.plan([self.spec(window) for _, groups in schedule for window, _ in groups])
-        shared = SharedStates()
+        shared = SharedStates(todo)
         try:
-            for block, groups in schedule:
+            for _, groups in schedule:
                 for window, members in groups:
                     spec = self.spec(window)
                     module = self.runner.block(spec)
                     for source, target in shared.advance(members):
                         for chunk in chunks:
-                            if source is None:
-                                hidden = self.cache.get_chunk(block, chunk)
+                            if isinstance(source, Entry):
+                                hidden = self.cache.get_chunk(source.boundary, chunk)
                             else:
                                 hidden = store.get(("state", source, chunk))
                             store.put(("state", target, chunk), self.runner.apply(module, spec.layer_index, hidden))
                         self._release(shared.drop_if_unheld(source))
             for index, key in enumerate(todo):
-                source = shared.state_of.get(index)
+                source = shared.source(index)
                 finals = (
                     self.runner.final_norm(
-                        self.cache.get_chunk(num_blocks, chunk)
-                        if source is None
+                        self.cache.get_chunk(source.boundary, chunk)
+                        if isinstance(source, Entry)
                         else store.get(("state", source, chunk))
                     )
                     for chunk in chunks

@@ -289,3 +289,19 @@ def test_plans_with_a_common_history_share_its_computation(checkpoint):
     # at 5 the first plan runs 5-6 and the other two share 5; at 6 they split (6-7 / 6); then 2, 3, 3.
     assert forwards_alone == 22 * per_block
     assert scorer.runner.token_forwards - before == (3 + 2 + 2 + 2 + 3 + 3) * per_block
+
+
+def test_plans_that_drop_blocks_enter_below_their_first_kept_block(checkpoint):
+    """A plan whose first change is a dropped block starts from the original state at its departure
+    (the boundary below the dropped block), not at the input of the block it runs next: scored in one
+    sweep, plans dropping {3}, {2, 3} and the last block score what the whole model without those
+    blocks scores (as merges: keep_high of [3, 4] is block 4 alone; keep_low of [8, 9] is block 8)."""
+    drops = [[3], [2, 3], [9]]
+    scores = make_scorer(checkpoint, rule="keep_high").score_plans([output_blocks([], 10, d) for d in drops])
+    oracles = [
+        whole_model_similarity(checkpoint, [(3, 4)], "keep_high"),
+        whole_model_similarity(checkpoint, [(2, 4)], "keep_high"),
+        whole_model_similarity(checkpoint, [(8, 9)], "keep_low"),
+    ]
+    assert scores == pytest.approx(oracles, abs=1e-5)
+    assert len(set(scores)) == 3
