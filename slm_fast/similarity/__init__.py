@@ -29,6 +29,7 @@ from torch import Tensor
 
 from slm_fast.errors import InputError
 from slm_fast.kernels import layer_centers, load_backend
+from slm_fast.similarity import distributed
 from slm_fast.similarity.checks import (
     as_layers,
     check_finite,
@@ -75,6 +76,7 @@ def cka_matrix(
     median_pairs: int = DEFAULT_MEDIAN_PAIRS,
     seed: int = 0,
     block_size: int | None = None,
+    process_group: object | None = None,
 ) -> Tensor:
     """[L, L] float64 CKA between the layers of `acts`; see the module docstring.
 
@@ -82,10 +84,24 @@ def cka_matrix(
     `median_pairs` token pairs seeded by `seed`; median_diagonal=True counts the zero i == j pairs as
     Kornblith's reference does), one float, or one float per layer. unbiased: Song et al.'s estimator.
     backend: "auto", "tiled", "triton" or "cuda". pairs: (a, b) layer pairs to compute (others are NaN;
-    None = all). block_size: token tile of the backend (None = its choice).
+    None = all). block_size: token tile of the backend (None = its choice). process_group: a
+    torch.distributed group (or dist.group.WORLD) whose ranks each pass their own tokens of the same
+    layers; every rank gets the CKA of all ranks' tokens together, equal to the one-process result on the
+    shards concatenated in rank order (similarity/distributed.py). A collective: call it on every rank.
     """
     return _matrices(
-        acts, kernel, sigma, unbiased, backend, pairs, sigma_scale, median_diagonal, median_pairs, seed, block_size
+        acts,
+        kernel,
+        sigma,
+        unbiased,
+        backend,
+        pairs,
+        sigma_scale,
+        median_diagonal,
+        median_pairs,
+        seed,
+        block_size,
+        process_group,
     )[0]
 
 
@@ -102,12 +118,24 @@ def hsic(
     median_pairs: int = DEFAULT_MEDIAN_PAIRS,
     seed: int = 0,
     block_size: int | None = None,
+    process_group: object | None = None,
 ) -> Tensor:
     """[L, L] float64 HSIC estimates between the layers of `acts` (the raw estimator behind cka_matrix;
     same arguments). Entries of pairs not requested are NaN; the diagonal holds HSIC(a, a) for every
     layer named by a pair."""
     return _matrices(
-        acts, kernel, sigma, unbiased, backend, pairs, sigma_scale, median_diagonal, median_pairs, seed, block_size
+        acts,
+        kernel,
+        sigma,
+        unbiased,
+        backend,
+        pairs,
+        sigma_scale,
+        median_diagonal,
+        median_pairs,
+        seed,
+        block_size,
+        process_group,
     )[1]
 
 
@@ -141,7 +169,23 @@ def _matrices(
     median_pairs: int,
     seed: int,
     block_size: int | None,
+    process_group: object | None = None,
 ) -> tuple[Tensor, Tensor]:
+    if process_group is not None:
+        return distributed.matrices(
+            acts,
+            process_group,
+            kernel=kernel,
+            sigma=sigma,
+            unbiased=unbiased,
+            backend=backend,
+            pairs=pairs,
+            sigma_scale=sigma_scale,
+            median_diagonal=median_diagonal,
+            median_pairs=median_pairs,
+            seed=seed,
+            block_size=block_size,
+        )
     check_kernel(kernel)
     layers = as_layers(acts)
     constant = check_layers(layers, tokens_at_least=min_tokens(unbiased))

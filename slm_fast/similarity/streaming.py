@@ -22,6 +22,13 @@ sigma for RBF must be known before tokens are paired: explicit sigmas are used a
 sigma=None it is the median heuristic (similarity/sigma.py) over the first `sigma_tokens` tokens to
 arrive. Pairing waits until that many tokens are stored (or until compute(), which then uses all of
 them), so a stream of n <= sigma_tokens tokens gives exactly the one-shot cka_matrix result.
+
+Distributed (process_group=...): each rank feeds its own tokens. update() stays local (it only stores
+them; ranks may call it different numbers of times) and compute() is a collective that every rank
+calls: it pairs all stored tokens across the ranks exactly (similarity/distributed.py: global centres,
+ring exchange of token shards, all-reduced statistics) and returns, on every rank, the CKA of the
+streams concatenated in rank order; the median heuristic takes the first `sigma_tokens` tokens of that
+order. Token state is used for both kernels; each compute() pairs all tokens again.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from torch import Tensor
 
 from slm_fast.errors import InputError
 from slm_fast.kernels import layer_centers, load_backend
+from slm_fast.similarity import distributed
 from slm_fast.similarity.checks import (
     as_layers,
     check_finite,
@@ -91,6 +99,7 @@ class StreamingCKA:
         state_bytes: int = 2 * 2**30,
         block_size: int | None = None,
         flush_tokens: int = 4096,
+        process_group: object | None = None,
     ) -> None:
         if not isinstance(num_layers, int) or num_layers < 1:
             raise InputError(f"num_layers must be a positive integer, got {num_layers!r}")
@@ -116,6 +125,9 @@ class StreamingCKA:
         self._linear_state, self._state_bytes = linear_state, state_bytes
         self._block_size, self._flush_tokens = block_size, flush_tokens
         self._pairs = with_diagonal(normalize_pairs(pairs, num_layers))
+        self._group = process_group
+        if process_group is not None and linear_state == "features":
+            raise InputError("linear_state='features' is not distributed; use 'auto' or 'tokens' with process_group")
 
         self._updates = 0
         self._num_tokens = 0
@@ -161,6 +173,8 @@ class StreamingCKA:
             return
         assert self._store is not None and self._row_sums is not None
         self._store.append(layers)
+        if self._group is not None:
+            return  # pairing happens at compute(), across the ranks
         self._row_sums.extend_zeros(layers[0].shape[0])
         if self._switch_at is not None and self._num_tokens >= self._switch_at:
             self._move_to_features()
@@ -219,7 +233,7 @@ class StreamingCKA:
         if self.kernel == "linear":
             self._diagonal = _GrowingColumns(self.num_layers, device)
             fits = feature_state_bytes(self._widths, self._pairs) <= self._state_bytes
-            if self._linear_state == "auto" and fits:
+            if self._linear_state == "auto" and fits and self._group is None:
                 self._switch_at = _break_even_tokens(self._widths, self._pairs)
 
     def _ready_to_pair(self) -> bool:
@@ -275,6 +289,30 @@ class StreamingCKA:
         self._row_sums = self._diagonal = None
         self._switch_at = None
 
+    def _distributed_matrices(self) -> tuple[Tensor, Tensor]:
+        group = distributed.open_group(self._group)
+        widths, dtype = self._widths, self._layout[0] if self._layout else None
+        distributed.check_same_setup(group, (self.num_layers, self.kernel, self.unbiased, self._pairs.tolist()))
+        layout = distributed.shard_sizes(group, int(self._store is not None))
+        if not all(layout):
+            raise InputError(f"ranks {[r for r, s in enumerate(layout) if not s]} fed no tokens before compute()")
+        distributed.check_same_setup(group, (tuple(widths), str(dtype)))
+        assert self._store is not None and self._backend is not None
+        layers = [self._store.read(a, 0, self._num_tokens) for a in range(self.num_layers)]
+        return distributed.group_matrices(
+            group,
+            layers,
+            self._constant,
+            kernel=self.kernel,
+            sigmas=self.sigmas,
+            unbiased=self.unbiased,
+            pairs=self._pairs,
+            module=self._backend,
+            block_size=self._block_size,
+            median_options=self._median_options,
+            sigma_tokens=self._sigma_tokens,
+        )
+
     def _stats(self) -> PairStats:
         if self._features is not None:
             return self._features.stats()
@@ -286,6 +324,8 @@ class StreamingCKA:
         return stats_from_row_sums(self._num_tokens, self._pairs, self._frob, self._row_sums.view(), diagonal)
 
     def _matrices(self) -> tuple[Tensor, Tensor]:
+        if self._group is not None:
+            return self._distributed_matrices()
         needed = min_tokens(self.unbiased)
         if self._num_tokens < needed:
             raise InputError(
