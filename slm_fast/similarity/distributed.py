@@ -65,7 +65,7 @@ class Traffic:
     tokens: int = 0
     column_sums: int = 0
     sigma_sample: int = 0
-    collectives: int = 0  # payload of the all-reduces, all-gathers and broadcasts this rank contributed
+    collectives: int = 0  # payload of the all-reduces and broadcasts this rank joined (not the small setup check)
 
     @property
     def total(self) -> int:
