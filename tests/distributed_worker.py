@@ -45,6 +45,7 @@ CASES = {
     "rbf_pairs_tiles": ("matrix", torch.float64, {"kernel": "rbf", "pairs": [(0, 2)], "block_size": 32}),
     "rbf_float32": ("matrix", torch.float32, {"kernel": "rbf", "median_diagonal": True}),
     "linear_float32": ("matrix", torch.float32, {"kernel": "linear"}),
+    "rbf_bfloat16": ("matrix", torch.bfloat16, {"kernel": "rbf", "sigma": 2.5}),
     "stream_linear": ("stream", torch.float64, {"kernel": "linear", "unbiased": True}),
     "stream_rbf_median": ("stream", torch.float64, {"kernel": "rbf", "sigma_tokens": 40}),
     "stream_rbf_disk": ("stream", torch.float64, {"kernel": "rbf", "sigma": 2.5, "store": "disk"}),
@@ -76,6 +77,10 @@ def main() -> None:
     for name, (kind, dtype, options) in CASES.items():
         shard = [x[start:stop] for x in data(sum(sizes), dtype)]
         results[name] = run_case(kind, shard, options)
+    subgroup = dist.new_group([1, 2]) if world >= 3 else None  # every rank joins new_group
+    if subgroup is not None and rank in (1, 2):
+        shard = [x[start:stop] for x in data(sum(sizes))]
+        results["subgroup_1_2"] = cka_matrix(shard, "rbf", unbiased=True, process_group=subgroup)
     bad = [x[start:stop].clone() for x in data(sum(sizes))]
     if rank == 1:
         bad[2][0, 1] = float("nan")
