@@ -9,6 +9,7 @@ where a result is the CKA/HSIC tensors or the text of the InputError the case ra
 
 from __future__ import annotations
 
+import itertools
 import sys
 from datetime import timedelta
 
@@ -46,7 +47,16 @@ CASES = {
     "rbf_float32": ("matrix", torch.float32, {"kernel": "rbf", "median_diagonal": True}),
     "linear_float32": ("matrix", torch.float32, {"kernel": "linear"}),
     "rbf_bfloat16": ("matrix", torch.bfloat16, {"kernel": "rbf", "sigma": 2.5}),
-    "stream_linear": ("stream", torch.float64, {"kernel": "linear", "unbiased": True}),
+    "stream_linear_tokens": ("stream", torch.float64, {"kernel": "linear", "unbiased": True, "linear_state": "tokens"}),
+    "stream_linear_auto": ("stream", torch.float64, {"kernel": "linear"}),
+    "stream_linear_features": (
+        "stream",
+        torch.float64,
+        {"kernel": "linear", "unbiased": True, "linear_state": "features", "pairs": [(0, 2), (1, 2)]},
+    ),
+    # rank 0 never leaves token state (no room for the feature state), the others switch: rank 0 follows
+    # them at compute()
+    "stream_linear_mixed": ("stream_mixed", torch.float64, {"kernel": "linear", "unbiased": True}),
     "stream_rbf_median": ("stream", torch.float64, {"kernel": "rbf", "sigma_tokens": 40}),
     "stream_rbf_disk": ("stream", torch.float64, {"kernel": "rbf", "sigma": 2.5, "store": "disk"}),
 }
@@ -56,11 +66,15 @@ def run_case(kind: str, shard: list[torch.Tensor], options: dict) -> tuple[torch
     group = dist.group.WORLD
     if kind == "matrix":
         return cka_matrix(shard, process_group=group, **options), hsic(shard, process_group=group, **options)
+    if kind == "stream_mixed":
+        options = {**options, "state_bytes": 0 if dist.get_rank() == 0 else 2**30}
     with StreamingCKA(len(shard), process_group=group, **options) as stream:
-        start = 0
-        for size in [*UPDATE_SIZES, shard[0].shape[0] - sum(UPDATE_SIZES)]:
-            stream.update([x[start : start + size] for x in shard])
-            start += size
+        n = shard[0].shape[0]
+        cuts = [min(c, n) for c in (0, *itertools.accumulate(UPDATE_SIZES))] + [n]
+        for start, stop in itertools.pairwise(cuts):
+            stream.update([x[start:stop] for x in shard])
+        if kind == "stream_mixed":
+            assert stream.state == ("tokens" if dist.get_rank() == 0 else "features"), stream.state
         return stream.compute(), stream.compute_hsic()
 
 

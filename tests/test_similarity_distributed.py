@@ -24,6 +24,8 @@ import pytest
 import torch
 
 from slm_fast import StreamingCKA, cka_matrix, hsic
+from slm_fast.similarity.checks import normalize_pairs, with_diagonal
+from slm_fast.similarity.linear_features import LinearFeatureState
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 SHARDS = {2: [37, 64], 3: [20, 50, 31], 4: [9, 30, 41, 21]}  # uneven; 101 tokens
@@ -70,10 +72,11 @@ def ranks(request, tmp_path_factory) -> tuple[list[int], list[dict]]:
 
 def one_process(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     kind, dtype, options = worker.CASES[name]
+    options = {k: v for k, v in options.items() if k != "linear_state"}
     layers = worker.data(n, dtype)
     if kind == "matrix":
         return cka_matrix(layers, **options), hsic(layers, **options)
-    with StreamingCKA(len(layers), **options) as stream:
+    with StreamingCKA(len(layers), linear_state="tokens", **options) as stream:
         stream.update(layers)
         return stream.compute(), stream.compute_hsic()
 
@@ -121,3 +124,22 @@ def test_bad_input_on_one_rank_fails_every_rank(ranks) -> None:
     for rank, result in enumerate(results):
         if rank != 1:
             assert "rank(s) [1]" in result["nan_on_rank_1"], result["nan_on_rank_1"]
+
+
+@pytest.mark.parametrize("pairs", [None, [(0, 2)]])
+def test_recentred_feature_state_equals_one_shifted_from_the_start(pairs) -> None:
+    """LinearFeatureState.recentred (what makes shards' states add up) against a state that used the new
+    centre as its shift from the first token: the same PairStats to float64 rounding."""
+    layers = worker.data(50)
+    table = with_diagonal(normalize_pairs(pairs, 3))
+    moved = LinearFeatureState(list(worker.WIDTHS), table, torch.float64, torch.device("cpu"))
+    moved.update([x[:10] for x in layers])
+    moved.update([x[10:] for x in layers])
+    centers = [x.mean(0) + 0.3 for x in layers]
+    direct = LinearFeatureState(list(worker.WIDTHS), table, torch.float64, torch.device("cpu"))
+    direct._shift = centers
+    direct.update(layers)
+    got, want = moved.recentred(centers).stats(), direct.stats()
+    for field in ("frob", "row_dot", "row_diag", "diag_row", "diag_dot", "totals", "diag_totals"):
+        a, b = getattr(got, field), getattr(want, field)
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max())), field

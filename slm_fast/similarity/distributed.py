@@ -48,6 +48,7 @@ from slm_fast.similarity.checks import (
     with_diagonal,
 )
 from slm_fast.similarity.estimators import PairStats, similarity_matrices, stats_from_row_sums
+from slm_fast.similarity.linear_features import LinearFeatureState
 from slm_fast.similarity.sigma import (
     PairSample,
     SigmaSpec,
@@ -400,3 +401,31 @@ def group_matrices(
         block_size=block_size,
     )
     return similarity_matrices(len(layers), stats, unbiased, constant)
+
+
+def feature_matrices(
+    group: Group,
+    state: LinearFeatureState,
+    references: Sequence[Tensor],
+    local_constant: Sequence[bool],
+    *,
+    unbiased: bool,
+) -> tuple[Tensor, Tensor]:
+    """(CKA, HSIC) of the linear kernel from every rank's feature state: each state is recentred on the
+    global token mean and the accumulators (d_a x d_b per pair) are all-reduced. references: each
+    layer's first token on this rank (for the constant-layer check)."""
+    sizes = shard_sizes(group, state.num_tokens)
+    total = sum(sizes)
+    needed = min_tokens(unbiased)
+    if total < needed:
+        raise InputError(f"the ranks hold {total} tokens together, but the estimator needs at least {needed}")
+    constant = global_constant(group, references, local_constant)
+    sums = state.token_sum()
+    centers = [part / total for part in group.all_reduce(torch.cat(sums)).split([len(s) for s in sums])]
+    merged = state.recentred(centers)
+    accumulators = merged.accumulators()
+    reduced = group.all_reduce(torch.cat([a.reshape(-1) for a in accumulators]))
+    for target, part in zip(accumulators, reduced.split([a.numel() for a in accumulators]), strict=True):
+        target.copy_(part.view_as(target))
+    merged.num_tokens = total
+    return similarity_matrices(len(references), merged.stats(), unbiased, constant)

@@ -81,3 +81,62 @@ class LinearFeatureState:
             totals=torch.stack([s @ s for s in sums]),
             diag_totals=self._norm_totals,
         )
+
+    def token_sum(self) -> list[Tensor]:
+        """float64 sum over the tokens of each layer (unshifted): what a global mean is built from."""
+        shift = self._shift or [torch.zeros_like(s) for s in self._sums]
+        return [s + self.num_tokens * mu.double() for s, mu in zip(self._sums, shift, strict=True)]
+
+    def recentred(self, centers: Sequence[Tensor]) -> LinearFeatureState:
+        """A copy whose accumulators are those of the tokens shifted by `centers` instead of this state's
+        own shift, so that the states of several token shards, recentred on one common centre, add up
+        (distributed.py all-reduces them). Exact algebra in float64, with delta = shift - centre and
+        x - centre = x' + delta; q'-terms expand as |x' + delta|^2 = q' + 2 delta.x' + |delta|^2. Only
+        the entries that stats() reads for the requested pairs are defined; the others of the L x L
+        norm tables are NaN (they would need the cross products of pairs not accumulated)."""
+        m = self.num_tokens
+        shift = self._shift or [c.to(self._dtype) for c in centers]
+        delta = [mu.double() - c.double() for mu, c in zip(shift, centers, strict=True)]
+        sums, by_norms = self._sums, self._sums_by_norms
+        cross = {(a, b): c for (a, b), c in zip(self.pairs.tolist(), self._cross, strict=True)}
+        out = LinearFeatureState([len(s) for s in sums], self.pairs, self._dtype, sums[0].device)
+        out.num_tokens = m
+        out._shift = [c.to(self._dtype) for c in centers]
+        squares = torch.stack([d @ d for d in delta])
+        delta_dot_sum = torch.stack([d @ s for d, s in zip(delta, sums, strict=True)])
+        g_totals = 2 * delta_dot_sum + m * squares  # sum over tokens of 2 delta.x' + |delta|^2
+        for acc, (a, b) in zip(out._cross, self.pairs.tolist(), strict=True):
+            acc += cross[a, b] + torch.outer(sums[a], delta[b]) + torch.outer(delta[a], sums[b])
+            acc += m * torch.outer(delta[a], delta[b])
+        for a, s in enumerate(sums):
+            out._sums[a] += s + m * delta[a]
+        out._norm_totals += self._norm_totals + g_totals
+        for table in out._sums_by_norms:
+            table.fill_(float("nan"))
+        out._norm_products.fill_(float("nan"))
+        for a, b in self.pairs.tolist():
+            for x, y in ((a, b), (b, a)):
+                c_xy = cross[x, y] if (x, y) in cross else cross[y, x].T
+                # X_x^T q_y = X'_x^T q'_y + X'_x^T g_y + delta_x (Q'_y + sum g_y)
+                out._sums_by_norms[x][:, y] = (
+                    by_norms[x][:, y]
+                    + 2 * c_xy @ delta[y]
+                    + squares[y] * sums[x]
+                    + delta[x] * (self._norm_totals[y] + g_totals[y])
+                )
+            # q_a . q_b = q'_a.q'_b + q'_a.g_b + g_a.q'_b + g_a.g_b
+            q_g = 2 * delta[b] @ by_norms[b][:, a] + squares[b] * self._norm_totals[a]
+            g_q = 2 * delta[a] @ by_norms[a][:, b] + squares[a] * self._norm_totals[b]
+            g_g = (
+                4 * delta[a] @ cross[a, b] @ delta[b]
+                + 2 * squares[b] * delta_dot_sum[a]
+                + 2 * squares[a] * delta_dot_sum[b]
+                + m * squares[a] * squares[b]
+            )
+            value = self._norm_products[a, b] + q_g + g_q + g_g
+            out._norm_products[a, b] = out._norm_products[b, a] = value
+        return out
+
+    def accumulators(self) -> list[Tensor]:
+        """Every additive float64 accumulator, in place (an all-reduce of them sums token shards)."""
+        return [*self._cross, *self._sums, *self._sums_by_norms, self._norm_products, self._norm_totals]

@@ -25,10 +25,13 @@ them), so a stream of n <= sigma_tokens tokens gives exactly the one-shot cka_ma
 
 Distributed (process_group=...): each rank feeds its own tokens. update() stays local (it only stores
 them; ranks may call it different numbers of times) and compute() is a collective that every rank
-calls: it pairs all stored tokens across the ranks exactly (similarity/distributed.py: global centres,
-ring exchange of token shards, all-reduced statistics) and returns, on every rank, the CKA of the
-streams concatenated in rank order; the median heuristic takes the first `sigma_tokens` tokens of that
-order. Token state is used for both kernels; each compute() pairs all tokens again.
+calls. In token state it pairs all stored tokens across the ranks exactly (similarity/distributed.py:
+global centres, exchange of token shards, all-reduced statistics; every compute() pairs all tokens
+again, with the rank's tokens read into memory); in feature state (linear) each rank recentres its
+d_a x d_b accumulators on the global mean and they are all-reduced. It returns, on every rank, the CKA
+of the streams concatenated in rank order; the median heuristic takes the first `sigma_tokens` tokens
+of that order. linear_state="auto" switches each rank at the break-even point of its own token count;
+at compute() a rank still in token state follows any rank that has switched.
 """
 
 from __future__ import annotations
@@ -126,8 +129,6 @@ class StreamingCKA:
         self._block_size, self._flush_tokens = block_size, flush_tokens
         self._pairs = with_diagonal(normalize_pairs(pairs, num_layers))
         self._group = process_group
-        if process_group is not None and linear_state == "features":
-            raise InputError("linear_state='features' is not distributed; use 'auto' or 'tokens' with process_group")
 
         self._updates = 0
         self._num_tokens = 0
@@ -173,12 +174,11 @@ class StreamingCKA:
             return
         assert self._store is not None and self._row_sums is not None
         self._store.append(layers)
-        if self._group is not None:
-            return  # pairing happens at compute(), across the ranks
-        self._row_sums.extend_zeros(layers[0].shape[0])
+        if self._group is None:  # distributed: tokens are paired at compute(), across the ranks
+            self._row_sums.extend_zeros(layers[0].shape[0])
         if self._switch_at is not None and self._num_tokens >= self._switch_at:
             self._move_to_features()
-        elif self._ready_to_pair() and self._num_tokens - self._paired >= self._flush_tokens:
+        elif self._group is None and self._ready_to_pair() and self._num_tokens - self._paired >= self._flush_tokens:
             self._pair_new_tokens()
 
     def compute(self) -> Tensor:
@@ -233,7 +233,7 @@ class StreamingCKA:
         if self.kernel == "linear":
             self._diagonal = _GrowingColumns(self.num_layers, device)
             fits = feature_state_bytes(self._widths, self._pairs) <= self._state_bytes
-            if self._linear_state == "auto" and fits and self._group is None:
+            if self._linear_state == "auto" and fits:
                 self._switch_at = _break_even_tokens(self._widths, self._pairs)
 
     def _ready_to_pair(self) -> bool:
@@ -291,13 +291,21 @@ class StreamingCKA:
 
     def _distributed_matrices(self) -> tuple[Tensor, Tensor]:
         group = distributed.open_group(self._group)
-        widths, dtype = self._widths, self._layout[0] if self._layout else None
         distributed.check_same_setup(group, (self.num_layers, self.kernel, self.unbiased, self._pairs.tolist()))
-        layout = distributed.shard_sizes(group, int(self._store is not None))
-        if not all(layout):
-            raise InputError(f"ranks {[r for r, s in enumerate(layout) if not s]} fed no tokens before compute()")
-        distributed.check_same_setup(group, (tuple(widths), str(dtype)))
-        assert self._store is not None and self._backend is not None
+        fed = distributed.shard_sizes(group, int(bool(self._widths)))
+        if not all(fed):
+            raise InputError(f"ranks {[r for r, f in enumerate(fed) if not f]} fed no tokens before compute()")
+        assert self._layout is not None and self._backend is not None
+        distributed.check_same_setup(group, (tuple(self._widths), str(self._layout[0])))
+        in_features = torch.tensor([int(self._features is not None)])
+        if self.kernel == "linear" and int(group.all_reduce(in_features, distributed.dist.ReduceOp.MAX)):
+            if self._features is None:  # another rank has moved to feature state: follow it
+                self._move_to_features()
+            assert self._features is not None
+            return distributed.feature_matrices(
+                group, self._features, self._reference, self._constant, unbiased=self.unbiased
+            )
+        assert self._store is not None
         layers = [self._store.read(a, 0, self._num_tokens) for a in range(self.num_layers)]
         return distributed.group_matrices(
             group,
