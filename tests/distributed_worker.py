@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import warnings
 from datetime import timedelta
 
 import torch
@@ -58,12 +59,27 @@ CASES = {
     # them at compute()
     "stream_linear_mixed": ("stream_mixed", torch.float64, {"kernel": "linear", "unbiased": True}),
     "stream_rbf_median": ("stream", torch.float64, {"kernel": "rbf", "sigma_tokens": 40}),
+    # layer 1 is one value on every token; layer 2 is constant within each rank's shard only
+    "constant_layers": ("constant", torch.float64, {"kernel": "linear", "sigma": None}),
     "stream_rbf_disk": ("stream", torch.float64, {"kernel": "rbf", "sigma": 2.5, "store": "disk"}),
 }
 
 
+def constant_layers(layers: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
+    """Layer 1 set to 5.0 everywhere, layer 2 to the index of the shard each token falls in."""
+    out = [x.clone() for x in layers]
+    out[1].fill_(5.0)
+    for rank, (start, stop) in enumerate(itertools.pairwise([0, *itertools.accumulate(sizes)])):
+        out[2][start:stop] = float(rank)
+    return out
+
+
 def run_case(kind: str, shard: list[torch.Tensor], options: dict) -> tuple[torch.Tensor, torch.Tensor]:
     group = dist.group.WORLD
+    if kind == "constant":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # layer 1 is constant: a warning names it
+            return cka_matrix(shard, process_group=group, **options), hsic(shard, process_group=group, **options)
     if kind == "matrix":
         return cka_matrix(shard, process_group=group, **options), hsic(shard, process_group=group, **options)
     if kind == "stream_mixed":
@@ -89,7 +105,10 @@ def main() -> None:
     start, stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
     results: dict[str, object] = {}
     for name, (kind, dtype, options) in CASES.items():
-        shard = [x[start:stop] for x in data(sum(sizes), dtype)]
+        layers = data(sum(sizes), dtype)
+        if kind == "constant":
+            layers = constant_layers(layers, sizes)
+        shard = [x[start:stop] for x in layers]
         results[name] = run_case(kind, shard, options)
     subgroup = dist.new_group([1, 2]) if world >= 3 else None  # every rank joins new_group
     if subgroup is not None and rank in (1, 2):

@@ -70,10 +70,14 @@ def ranks(request, tmp_path_factory) -> tuple[list[int], list[dict]]:
     return sizes, [torch.load(folder / f"out{r}.pt") for r in range(world)]
 
 
-def one_process(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def one_process(name: str, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     kind, dtype, options = worker.CASES[name]
     options = {k: v for k, v in options.items() if k != "linear_state"}
-    layers = worker.data(n, dtype)
+    layers = worker.data(sum(sizes), dtype)
+    if kind == "constant":
+        layers = worker.constant_layers(layers, sizes)
+        with pytest.warns(RuntimeWarning, match="layer 1 has constant activations"):
+            return cka_matrix(layers, **options), hsic(layers, **options)
     if kind == "matrix":
         return cka_matrix(layers, **options), hsic(layers, **options)
     with StreamingCKA(len(layers), linear_state="tokens", **options) as stream:
@@ -84,7 +88,7 @@ def one_process(name: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("name", sorted(worker.CASES))
 def test_distributed_equals_one_process(ranks, name: str) -> None:
     sizes, results = ranks
-    want_cka, want_hsic = one_process(name, sum(sizes))
+    want_cka, want_hsic = one_process(name, sizes)
     tolerance = 1e-10 if worker.CASES[name][1] == torch.float64 else 1e-5
     for rank, result in enumerate(results):
         cka, values = result[name]

@@ -149,16 +149,23 @@ def global_centers(group: Group, layers: Sequence[Tensor], total: int, chunk: in
 
 def global_constant(group: Group, layers: Sequence[Tensor], local_constant: Sequence[bool]) -> list[bool]:
     """Layers constant over every rank's tokens: constant on each rank and the same value everywhere."""
-    result = []
-    for x, constant in zip(layers, local_constant, strict=True):
-        flag = torch.tensor([int(constant)], dtype=torch.int64)
-        if int(group.all_reduce(flag, dist.ReduceOp.MIN)) == 0:
-            result.append(False)
-            continue
-        first = x[0].double() if x.shape[0] else torch.full((x.shape[1],), math.inf, dtype=torch.float64)
-        low = group.all_reduce(first.clone(), dist.ReduceOp.MIN)
-        high = group.all_reduce(torch.where(torch.isinf(first), -first, first), dist.ReduceOp.MAX)
-        result.append(bool(torch.equal(low, high)))
+    flags = group.all_reduce(torch.tensor([int(c) for c in local_constant], dtype=torch.int64), dist.ReduceOp.MIN)
+    candidates = [a for a, flag in enumerate(flags.tolist()) if flag]
+    if not candidates:
+        return [False] * len(layers)
+    first = [
+        layers[a][0].double()
+        if layers[a].shape[0]
+        else torch.full((layers[a].shape[1],), math.inf, dtype=torch.float64, device=layers[a].device)
+        for a in candidates
+    ]
+    low = group.all_reduce(torch.cat(first), dist.ReduceOp.MIN)
+    high = group.all_reduce(torch.cat([torch.where(torch.isinf(f), -f, f) for f in first]), dist.ReduceOp.MAX)
+    same = torch.eq(low, high)
+    widths = [layers[a].shape[1] for a in candidates]
+    result = [False] * len(layers)
+    for a, part in zip(candidates, same.split(widths), strict=True):
+        result[a] = bool(part.all())
     return result
 
 
