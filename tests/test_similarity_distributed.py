@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from slm_fast import StreamingCKA, cka_matrix, hsic
+from slm_fast.errors import InputError
 from slm_fast.similarity.checks import normalize_pairs, with_diagonal
 from slm_fast.similarity.linear_features import LinearFeatureState
 
@@ -149,3 +150,13 @@ def test_recentred_feature_state_equals_one_shifted_from_the_start(pairs) -> Non
     for field in ("frob", "row_dot", "row_diag", "diag_row", "diag_dot", "totals", "diag_totals"):
         a, b = getattr(got, field), getattr(want, field)
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max())), field
+
+
+def test_process_group_without_init_is_a_clear_error() -> None:
+    layers = worker.data(20)
+    with pytest.raises(InputError, match="torch.distributed is not initialized"):
+        cka_matrix(layers, process_group=object())
+    with StreamingCKA(3, process_group=object()) as stream:
+        stream.update(layers)
+        with pytest.raises(InputError, match="torch.distributed is not initialized"):
+            stream.compute()

@@ -1,4 +1,5 @@
-"""Token-parallel CKA/HSIC over a torch.distributed process group (gloo on CPUs, NCCL on GPUs).
+"""Token-parallel CKA/HSIC over a torch.distributed process group (gloo on CPUs; with NCCL the messages
+go through the current CUDA device, a path not yet run on a GPU).
 
 Every rank holds its own shard of the n tokens (the same L layers, widths and dtype everywhere; shards
 may be uneven, even empty). The result equals the single-process result on the shards concatenated in
