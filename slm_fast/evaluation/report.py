@@ -97,7 +97,10 @@ class EvaluationReport:
 
     def _run_line(self) -> str:
         r = self.run
-        return (
+        line = (
             f"{r['seconds']:.1f} s; {r['block_loads']} block loads ({r['blocks']} blocks); "
-            f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB; lm-eval {r.get('lm_eval_version', '-')}"
+            f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB"
         )
+        if r.get("lm_eval_version"):  # only runs that scored harness tasks used it
+            line += f"; lm-eval {r['lm_eval_version']}"
+        return line
