@@ -1,7 +1,8 @@
 """`slm-fast` command line: one subcommand per module in slm_fast/commands/.
 
 Each command module defines `register(subparsers)`, which adds its parser and sets `run=` to a
-function taking the parsed arguments and returning an exit status.
+function taking the parsed arguments and returning an exit status, and `distributed=True` when the
+command runs on several processes under torchrun (`args.launch` then says which rank this is).
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import importlib
 import pkgutil
 import sys
 
+import torch.distributed as dist
+
 from slm_fast import commands
 from slm_fast.errors import SlmFastError
+from slm_fast.parallel.launch import from_environment, join, leave, peer_lost
 from slm_fast.settings import configure_threads
 
 
@@ -31,12 +35,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    launch = args.launch = from_environment()
+    where = f"[rank {launch.rank}] " if launch.distributed else ""
     try:
         configure_threads(args.threads)
-        return int(args.run(args) or 0)
+        if launch.distributed and not getattr(args, "distributed", False):
+            raise SlmFastError(
+                f"{args.command} does not run on several processes (WORLD_SIZE={launch.world_size}); "
+                "run it without torchrun"
+            )
+        join(launch)
+        try:
+            return int(args.run(args) or 0)
+        except dist.DistError as exc:
+            raise peer_lost(launch, exc) from exc
     except SlmFastError as exc:
-        print(f"slm-fast {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{where}slm-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        leave()
 
 
 if __name__ == "__main__":
