@@ -122,3 +122,17 @@ def ensure_free_space(output: Path, needed_bytes: int) -> None:
             f"not enough disk space in {existing}: the output needs {needed_bytes / 1e9:.2f} GB, "
             f"{free / 1e9:.2f} GB free"
         )
+
+
+@contextlib.contextmanager
+def staged_file(path: Path) -> Iterator[Path]:
+    """A hidden temporary path beside `path` (with its suffix, so writers that infer the format from it
+    keep working), renamed to `path` when the block completes and removed when it fails: a reader never
+    sees a half-written file."""
+    path = Path(path)
+    staged = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    try:
+        yield staged
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)

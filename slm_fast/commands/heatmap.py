@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Run calibration text through the model one block at a time, then draw the CKA between every "
             "pair of block outputs (residual stream, every token a point) with a colour bar, and write the "
-            "numbers as JSON next to the image."
+            "numbers as JSON next to the image. Under torchrun each process runs its share of the samples and "
+            "the CKA is computed across the processes (exact); rank 0 writes the files."
         ),
     )
     parser.add_argument("source", help=MODEL_HELP)
@@ -35,25 +36,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--memory-budget", default="8GB", help="host memory for the block outputs")
     parser.add_argument("--backend", default="auto", help="similarity backend: auto, tiled, triton, cuda")
     parser.add_argument("--no-progress", action="store_true")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, distributed=True)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
+    import torch.distributed as dist
 
     from slm_fast.checkpoint.locate import load_tokenizer
     from slm_fast.checkpoint.reader import CheckpointReader
+    from slm_fast.checkpoint.staging import staged_file
     from slm_fast.data import load_corpus, pack_calibration
     from slm_fast.devices import check_device
+    from slm_fast.errors import InputError
     from slm_fast.heatmap import block_output_cka
+    from slm_fast.parallel.data_parallel import check_same_input, together
     from slm_fast.plotting import plot_similarity_heatmap
 
-    check_device(args.device)
-    folder = CheckpointReader(args.source).folder  # refuses what cannot be read before calibration
-    tokenizer = load_tokenizer(folder)
-    ids = pack_calibration(
-        tokenizer, load_corpus(args.calib, field=args.calib_field), args.samples, args.seq_len, args.seed
-    )
+    launch = args.launch
+    with together(launch):  # every rank checks its input; all fail together before any work
+        if launch.is_main and not args.out.parent.is_dir():  # only rank 0 writes
+            raise InputError(f"--out {args.out}: folder {args.out.parent} does not exist")
+        check_device(args.device)
+        folder = CheckpointReader(args.source).folder  # refuses what cannot be read before calibration
+        tokenizer = load_tokenizer(folder)
+        ids = pack_calibration(
+            tokenizer, load_corpus(args.calib, field=args.calib_field), args.samples, args.seq_len, args.seed
+        )
+    check_same_input(launch, f"--calib {args.calib}", ids)
     heatmap = block_output_cka(
         folder,
         ids,
@@ -62,11 +72,17 @@ def run(args: argparse.Namespace) -> int:
         dtype=None if args.dtype is None else getattr(torch, DTYPES[args.dtype]),
         memory_budget=parse_size(args.memory_budget),
         backend=args.backend,
-        progress=not args.no_progress,
+        progress=launch.is_main and not args.no_progress,
+        process_group=dist.group.WORLD if launch.distributed else None,
     )
+    if not launch.is_main:
+        return 0
     title = f"{Path(args.source).name}: {args.kernel} CKA of block outputs ({heatmap.tokens} tokens of {args.calib})"
-    plot_similarity_heatmap(heatmap.matrix, args.out, title=title)
     json_path = args.out.with_suffix(".json")
-    json_path.write_text(json.dumps(heatmap.to_json() | {"calib": args.calib}, indent=1) + "\n")
-    print(f"wrote {args.out} and {json_path}: {heatmap.matrix.shape[0]} blocks, {heatmap.seconds:.1f} s")
+    record = heatmap.to_json() | {"calib": args.calib, "processes": launch.world_size}
+    with staged_file(args.out) as image, staged_file(json_path) as numbers:
+        plot_similarity_heatmap(heatmap.matrix, image, title=title)
+        numbers.write_text(json.dumps(record, indent=1) + "\n")
+    where = f" on {launch.world_size} processes" if launch.distributed else ""
+    print(f"wrote {args.out} and {json_path}: {heatmap.matrix.shape[0]} blocks, {heatmap.seconds:.1f} s{where}")
     return 0
