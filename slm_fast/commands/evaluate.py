@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "rolling, greedy generation; --tasks: names, groups or tags; 'all' = the seven tasks of the "
             "layer-pruning papers, which run offline from local files) on the first --limit documents. Blocks "
             "are read one at a time, so the "
-            "model need not fit in memory. --tasks needs `pip install 'slm-fast[eval]'`."
+            "model need not fit in memory. --tasks needs `pip install 'slm-fast[eval]'`. Under torchrun each "
+            "process scores a share of the windows and documents and rank 0 reports the numbers of one process."
         ),
     )
     parser.add_argument("model", help=MODEL_HELP)
@@ -84,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, distributed=True)
 
 
 def _limit(text: str) -> int | None:
@@ -110,8 +111,6 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--batch-tokens must be >= 1, got {args.batch_tokens}")
     if args.stride is not None and (args.stride < 1 or args.bos_every_window):
         raise InputError("--stride must be >= 1 and cannot be combined with --bos-every-window")
-    if args.json is not None and not args.json.parent.is_dir():
-        raise InputError(f"--json {args.json}: folder {args.json.parent} does not exist")
     with tempfile.TemporaryDirectory(prefix="slm_fast_tasks_") as workdir:
         return _evaluate(args, Path(workdir), started)
 
@@ -120,30 +119,52 @@ def _evaluate(args: argparse.Namespace, workdir: Path, started: float) -> int:
     import time
 
     import torch
+    import torch.distributed as dist
 
     from slm_fast.checkpoint.locate import resolve_model
     from slm_fast.checkpoint.reader import CheckpointReader
+    from slm_fast.checkpoint.staging import staged_file
     from slm_fast.devices import check_device
     from slm_fast.evaluation import perplexity
     from slm_fast.evaluation.report import EvaluationReport
+    from slm_fast.parallel.data_parallel import check_same_input, max_over_ranks, sum_over_ranks, together
     from slm_fast.runtime.stream import BlockRunner
 
-    budget = parse_size(args.memory_budget)
-    check_device(args.device)
-    reader = CheckpointReader(args.model)
-    tokenizer = _tokenizer(resolve_model(args.tokenizer) if args.tokenizer else reader.folder)
+    launch = args.launch
+    group = dist.group.WORLD if launch.distributed else None
     tasks, lm_eval_version, manager = [], None, None
-    if args.tasks is not None:
-        from slm_fast.evaluation.harness import lm_eval_version as installed_lm_eval
-        from slm_fast.evaluation.harness import parse_tasks, prepare_tasks
+    with together(launch):  # every rank checks its input; all fail together before any scoring
+        if launch.is_main and args.json is not None and not args.json.parent.is_dir():
+            raise InputError(f"--json {args.json}: folder {args.json.parent} does not exist")
+        budget = parse_size(args.memory_budget)
+        check_device(args.device)
+        reader = CheckpointReader(args.model)
+        tokenizer = _tokenizer(resolve_model(args.tokenizer) if args.tokenizer else reader.folder)
+        if args.tasks is not None:
+            from slm_fast.evaluation.harness import lm_eval_version as installed_lm_eval
+            from slm_fast.evaluation.harness import parse_tasks, prepare_tasks
 
-        lm_eval_version = installed_lm_eval()  # a clear error now if the extra is missing
-        tasks = parse_tasks(args.tasks)
-        manager = prepare_tasks(tasks, workdir=workdir, local=not args.hub_tasks, include_path=args.include_path)
+            lm_eval_version = installed_lm_eval()  # a clear error now if the extra is missing
+            tasks = parse_tasks(args.tasks)
+            manager = prepare_tasks(
+                tasks,
+                workdir=workdir,
+                local=not args.hub_tasks,
+                include_path=args.include_path,
+                limit=args.limit,
+                processes=launch.world_size,
+            )
+        windows = {corpus: _windows(tokenizer, corpus, args) for corpus in args.ppl}
+    for corpus, ids in windows.items():
+        check_same_input(launch, f"--ppl {corpus}", ids)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     # Half the budget keeps blocks resident (a model that fits is read once), half holds hidden states.
     runner = BlockRunner(reader, args.device, dtype, block_budget_bytes=budget // 2)
-    streaming = dict(hidden_budget_bytes=budget // 2, batch_tokens=args.batch_tokens, progress=not args.no_progress)
+    streaming = dict(
+        hidden_budget_bytes=budget // 2,
+        batch_tokens=args.batch_tokens,
+        progress=launch.is_main and not args.no_progress,
+    )
     report = EvaluationReport(
         model=str(args.model),
         limit=args.limit,
@@ -162,29 +183,41 @@ def _evaluate(args: argparse.Namespace, workdir: Path, started: float) -> int:
             "lm_eval_version": lm_eval_version,
         },
     )
-    for corpus in args.ppl:
-        windows = _windows(tokenizer, corpus, args)
-        report.perplexity[corpus] = perplexity(runner, windows, stride=args.stride, desc=f"ppl {corpus}", **streaming)
+    for corpus, ids in windows.items():
+        report.perplexity[corpus] = perplexity(
+            runner, ids, stride=args.stride, desc=f"ppl {corpus}", process_group=group, **streaming
+        )
+    counters = {"block_loads": runner.blocks_loaded}
     if tasks:
         from slm_fast.evaluation.harness import evaluate_tasks
         from slm_fast.evaluation.harness_lm import StreamedLM
 
         add_bos = {"auto": None, "yes": True, "no": False}[args.add_bos_token]
-        lm = StreamedLM(runner, tokenizer, add_bos_token=add_bos, **streaming)
-        outcome = evaluate_tasks(lm, tasks, limit=args.limit, manager=manager)
-        report.tasks, report.groups = outcome.tasks, outcome.groups
-        report.settings["task_versions"] = outcome.versions
-        report.run |= {"requests": lm.requests_scored, "rows": lm.rows_run, "generated_tokens": lm.generated_tokens}
-    report.run |= {
+        lm = StreamedLM(runner, tokenizer, add_bos_token=add_bos, process_group=group, **streaming)
+        outcome = evaluate_tasks(lm, tasks, limit=args.limit, manager=manager)  # None on ranks other than 0
+        if outcome is not None:
+            report.tasks, report.groups = outcome.tasks, outcome.groups
+            report.settings["task_versions"] = outcome.versions
+        counters = {
+            "block_loads": runner.blocks_loaded,
+            "requests": lm.requests_scored,
+            "rows": lm.rows_run,
+            "generated_tokens": lm.generated_tokens,
+        }
+    # Counters are summed over the processes (each reads the model); peak RSS is the largest process's.
+    report.run |= sum_over_ranks(counters, launch) | {
         "seconds": time.perf_counter() - started,
-        "block_loads": runner.blocks_loaded,
         "blocks": reader.num_blocks,
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": max_over_ranks(_peak_rss_bytes(), launch),
         "lm_eval_version": lm_eval_version,
+        "processes": launch.world_size,
     }
+    if not launch.is_main:
+        return 0
     print(report.table())
     if args.json is not None:
-        args.json.write_text(json.dumps(report.as_dict(), indent=1) + "\n")
+        with staged_file(args.json) as staged:
+            staged.write_text(json.dumps(report.as_dict(), indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
 

@@ -68,8 +68,10 @@ def check_task_names(manager: TaskManager, names: Sequence[str]) -> None:
         raise InputError(f"--tasks: unknown harness task(s) {described}")
 
 
-def check_tasks_load(manager: TaskManager, names: Sequence[str]) -> None:
-    """Load the tasks (which reads their data) and refuse sampled generation, before any scoring."""
+def check_tasks_load(manager: TaskManager, names: Sequence[str], *, limit: int | None, processes: int) -> None:
+    """Load the tasks (which reads their data) and refuse sampled generation, before any scoring; with
+    several processes, every task needs a document for each (the harness splits documents among them
+    and fails on a process with none)."""
     try:
         loaded = manager.load(list(names))
     except (OSError, ConnectionError, ValueError, FileNotFoundError) as exc:
@@ -83,6 +85,17 @@ def check_tasks_load(manager: TaskManager, names: Sequence[str]) -> None:
             f"--tasks: {', '.join(sampled)} sample their generations (do_sample / temperature > 0); the "
             "block-streamed model generates greedily only"
         )
+    if processes > 1:
+        short = {
+            name: count
+            for name, task in loaded["tasks"].items()
+            if (count := min(len(task.eval_docs), limit or len(task.eval_docs))) < processes
+        }
+        if short:
+            raise InputError(
+                f"--tasks: {', '.join(f'{name} ({count} documents)' for name, count in sorted(short.items()))} "
+                f"cannot be split among {processes} processes; raise --limit or run fewer processes"
+            )
 
 
 def _samples(generation_kwargs: dict[str, Any] | None) -> bool:
@@ -126,26 +139,34 @@ class HarnessRun:
 
 
 def prepare_tasks(
-    names: Sequence[str], *, workdir: Path, local: bool = True, include_path: Sequence[Path] = ()
+    names: Sequence[str],
+    *,
+    workdir: Path,
+    local: bool = True,
+    include_path: Sequence[Path] = (),
+    limit: int | None = None,
+    processes: int = 1,
 ) -> TaskManager:
     """The task manager for `names`, checked: every name known, every task's data loadable, no sampled
-    generation. Cheap next to scoring, so a bad --tasks fails before the model is touched."""
+    generation, enough documents (after `limit`) for `processes` processes. Cheap next to scoring, so a
+    bad --tasks fails before the model is touched."""
     manager = task_manager(local=local, include_path=include_path, workdir=workdir)
     check_task_names(manager, names)
-    check_tasks_load(manager, names)
+    check_tasks_load(manager, names, limit=limit, processes=processes)
     return manager
 
 
-def evaluate_tasks(lm: LM, names: Sequence[str], *, limit: int | None, manager: TaskManager) -> HarnessRun:
+def evaluate_tasks(lm: LM, names: Sequence[str], *, limit: int | None, manager: TaskManager) -> HarnessRun | None:
     """Run harness tasks `names` on `lm` (zero-shot unless a task's config says otherwise) on the first
     `limit` documents of each (all when None); `manager` from `prepare_tasks` (whose workdir must
-    still exist)."""
+    still exist). With an LM on several processes, every rank calls this; rank 0 gets the results of
+    all documents, the others None."""
     from lm_eval import simple_evaluate
 
     results = simple_evaluate(
         model=lm, tasks=list(names), task_manager=manager, limit=limit, log_samples=False, verbosity="ERROR"
     )
-    return harness_run(results)
+    return None if results is None else harness_run(results)
 
 
 def harness_run(results: dict[str, Any]) -> HarnessRun:

@@ -10,12 +10,22 @@ stream, so each block is read a handful of times per run, whatever the number of
 
 Generation (`generate_until`) is greedy and block-streamed (see `generation`): each new token costs a
 pass over every block for all unfinished requests together; sampled generation is refused.
+
+Several processes (`process_group`): the harness's own data parallelism. Its evaluator gives rank r the
+documents r, r + W, r + 2W, ... of every task (W processes), pads the ranks' request lists to equal
+length, and gathers the per-document metrics to rank 0 through the LM's `all_gather` /
+`gather_object` / `barrier`, which this class implements with torch.distributed. `gather_object` puts
+the documents back in their one-process order (the harness would chain them rank after rank), so that
+order-dependent statistics (the seeded bootstrap of median/perplexity/F1-type metrics) equal those
+of one process, as do the means and their standard errors.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
+import torch.distributed as dist
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import (
@@ -45,6 +55,8 @@ class StreamedLM(TemplateLM):
     add_bos_token: None tokenizes with the tokenizer's default special tokens (the harness's default);
     True / False force BOS on / off, as `--model_args add_bos_token=...` does for the harness's `hf`.
     max_length: the context length requests are left-truncated to (default: the model's, as the harness).
+    process_group: a torch.distributed group over which the harness splits the documents (see the
+    module docstring); `simple_evaluate` then returns the results on rank 0 and None elsewhere.
     """
 
     def __init__(
@@ -58,8 +70,13 @@ class StreamedLM(TemplateLM):
         batch_tokens: int = 4096,
         head_rows: int = 512,
         progress: bool = True,
+        process_group: object | None = None,
     ):
         super().__init__()
+        self.process_group = process_group
+        if process_group is not None:
+            self._rank = dist.get_rank(process_group)
+            self._world_size = dist.get_world_size(process_group)
         self.runner = runner
         self.tokenizer = tokenizer
         self.add_bos_token = add_bos_token
@@ -71,6 +88,29 @@ class StreamedLM(TemplateLM):
         self.rows_run = 0  # distinct input rows run through the blocks
         self.calls = 0  # scoring passes over the blocks' stream
         self.generated_tokens = 0
+
+    # -- the harness's hooks for data parallelism ----------------------------------------------------------
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's `tensor` concatenated in rank order (0-d tensors stacked), on every rank."""
+        if self.process_group is None:
+            return tensor
+        local = tensor.detach().cpu()
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local, group=self.process_group)
+        return torch.stack(parts) if local.ndim == 0 else torch.cat(parts)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        """[every rank's object merged in document order] on `dst`, None elsewhere (see the module
+        docstring); the harness chains the returned list's elements, here only one."""
+        if self.process_group is None:
+            return [obj]
+        everyone: list[Any] | None = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj, everyone, dst=dist.get_global_rank(self.process_group, dst), group=self.process_group)
+        return None if everyone is None else [documents_in_order(everyone)]
+
+    def barrier(self) -> None:
+        if self.process_group is not None:
+            dist.barrier(group=self.process_group)
 
     # -- tokenization, as the harness's HFLM ---------------------------------------------------------
     @property
@@ -195,3 +235,20 @@ class StreamedLM(TemplateLM):
         ids = config.eos_token_id
         ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
         return ids | ({self.eot_token_id} if self.eot_token_id is not None else set())
+
+
+def documents_in_order(per_rank: list[Any]) -> Any:
+    """Merge the ranks' per-document values gathered by the harness ({task: {metric: [value per
+    document]}} or {task: [sample per document]}): rank r's i-th value is document r + i W, so the
+    lists are interleaved round-robin into document order. Dicts merge key by key."""
+    first = per_rank[0]
+    if isinstance(first, dict):
+        if any(not isinstance(part, dict) or part.keys() != first.keys() for part in per_rank):
+            raise ValueError("the ranks gathered different tasks or metrics")
+        return {key: documents_in_order([part[key] for part in per_rank]) for key in first}
+    if isinstance(first, list):
+        lengths = [len(part) for part in per_rank]
+        if any(length not in (lengths[0], lengths[0] - 1) for length in lengths) or lengths != sorted(lengths)[::-1]:
+            raise ValueError(f"the ranks gathered {lengths} documents, not a strided split")
+        return [part[i] for i in range(lengths[0]) for part in per_rank if i < len(part)]
+    raise ValueError(f"cannot merge gathered {type(first).__name__} values")
