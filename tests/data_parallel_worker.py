@@ -1,9 +1,10 @@
 """One rank of tests/test_distributed_commands.py's checks of slm_fast.parallel.data_parallel, started
 by torchrun:
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/data_parallel_worker.py OUT_DIR
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/data_parallel_worker.py OUT_DIR MODEL
 
-Saves {check: outcome} to OUT_DIR/rank{RANK}.json, an outcome being the result or the error's text.
+Saves {check: outcome} to OUT_DIR/rank{RANK}.json, an outcome being the result or the error's text, and
+the heat map of MODEL on one 12-token sample (so rank 1's share is empty) as "heatmap".
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from slm_fast.errors import InputError
 from slm_fast.parallel.data_parallel import check_same_input, gather_in_order, shard, sum_over_ranks, together
@@ -47,6 +49,11 @@ def main() -> None:
     mine = shard(7, launch.rank, launch.world_size)
     results["gathered"] = gather_in_order([f"item {i}" for i in mine], launch)
     results["counters"] = sum_over_ranks({"a": launch.rank + 1, "b": 10}, launch)
+    from slm_fast.heatmap import block_output_cka
+
+    one_sample = torch.arange(3, 15).reshape(1, 12)
+    heatmap = block_output_cka(sys.argv[2], one_sample, kernel="rbf", progress=False, process_group=dist.group.WORLD)
+    results["heatmap"] = heatmap.matrix.tolist()
     Path(sys.argv[1], f"rank{launch.rank}.json").write_text(json.dumps(results))
     leave()
     sys.stdout.flush()

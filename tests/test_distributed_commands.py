@@ -31,6 +31,7 @@ from tiny_models import save_tiny_checkpoint, save_tiny_tokenizer, write_word_co
 from slm_fast.cli import main
 from slm_fast.evaluation.harness_lm import documents_in_order
 from slm_fast.evaluation.local_tasks import LOCAL_TASKS
+from slm_fast.heatmap import block_output_cka
 from slm_fast.parallel.data_parallel import shard
 
 TIMEOUT_S = 300
@@ -68,8 +69,8 @@ def test_documents_return_to_their_one_process_order() -> None:
         documents_in_order([[0, 2], [1, 3, 5]])
 
 
-def test_data_parallel_helpers_on_two_processes(tmp_path: Path) -> None:
-    run = torchrun(2, [str(TESTS / "data_parallel_worker.py"), str(tmp_path)], tmp_path)
+def test_data_parallel_helpers_on_two_processes(tiny64: tuple[Path, Path], tmp_path: Path) -> None:
+    run = torchrun(2, [str(TESTS / "data_parallel_worker.py"), str(tmp_path), str(tiny64[0])], tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[1]["together_rank_1_fails"] == "InputError: rank 1's own complaint"
@@ -79,6 +80,12 @@ def test_data_parallel_helpers_on_two_processes(tmp_path: Path) -> None:
         assert result["different_input"].startswith("InputError: --calib x: rank(s) [1] built different data")
         assert result["gathered"] == [f"item {i}" for i in range(7)]
         assert result["counters"] == {"a": 3, "b": 20}
+    # one sample on two ranks: rank 1's share is empty; the matrix is still one process's
+    alone = block_output_cka(tiny64[0], torch.arange(3, 15).reshape(1, 12), kernel="rbf", progress=False)
+    for result in ranks:
+        torch.testing.assert_close(
+            torch.tensor(result["heatmap"], dtype=torch.float64), alone.matrix, rtol=0, atol=1e-10
+        )
 
 
 def test_heatmap_on_three_processes_equals_one_process(tiny64: tuple[Path, Path], tmp_path: Path, capsys) -> None:
