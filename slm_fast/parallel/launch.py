@@ -77,5 +77,5 @@ def peer_lost(launch: Launch, error: BaseException) -> PeerLost:
     return PeerLost(
         f"rank {launch.rank} of {launch.world_size} lost contact with the other ranks ({type(error).__name__}: "
         f"{str(error).splitlines()[0] if str(error) else 'no message'}): a rank died, was stopped, or the "
-        "network failed; see the first failing rank's output, then rerun the same torchrun command with --resume"
+        "network failed; see the first failing rank's output, then rerun the torchrun command (prune: add --resume)"
     )
