@@ -149,3 +149,22 @@ def test_evaluate_a_check_failing_on_rank_0_only_stops_every_rank(text_model: Pa
     assert run.returncode != 0
     assert "[rank 0] slm-fast evaluate: error: --json" in run.stderr
     assert "[rank 1] slm-fast evaluate: error: rank(s) [0] of 2 rejected the input" in run.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_heatmap_and_perplexity_on_two_processes(smollm2: Path, tmp_path: Path, capsys) -> None:
+    """The real model (float32): the heat map on 2 processes (3 + 2 samples) equals one process's to
+    1e-5 (block outputs of other batch shapes differ by float32 rounding, ~1e-6 relative, and the
+    float32 kernel sums by the bound of test_similarity_distributed.py); perplexity bit for bit."""
+    heat = [str(smollm2), "--calib", "austen:emma", "--samples", "5", "--seq-len", "64", "--no-progress"]
+    ppl = [str(smollm2), "--ppl", "austen:emma", "--seq-len", "128", "--max-windows", "5", "--batch-tokens", "256"]
+    assert main(["heatmap", *heat, "--out", str(tmp_path / "one.png")]) == 0
+    assert main(["evaluate", *ppl, "--json", str(tmp_path / "one_ppl.json"), "--no-progress"]) == 0
+    capsys.readouterr()
+    for argv in (["heatmap", *heat, "--out", str(tmp_path / "two.png")], ["evaluate", *ppl, "--json", "two_ppl.json"]):
+        run = torchrun(2, ["-m", "slm_fast", *argv], tmp_path)
+        assert run.returncode == 0, run.stdout + run.stderr
+    one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
+    torch.testing.assert_close(torch.tensor(two["cka"]), torch.tensor(one["cka"]), rtol=0, atol=1e-5)
+    one, two = (json.loads((tmp_path / f"{name}_ppl.json").read_text()) for name in ("one", "two"))
+    assert two["perplexity"] == one["perplexity"] and one["perplexity"]["austen:emma"]["windows"] == 5
