@@ -46,7 +46,7 @@ import torch
 from harness import GB, BlockShape
 
 from slm_fast.budget import activation_bytes_per_sample
-from slm_fast.cost import flops_per_token, predicted_sweeps
+from slm_fast.cost import flops_per_token, predicted_sweeps, sharing_gain
 from slm_fast.parallel.data_parallel import shard
 from slm_fast.slm import Entry, SharedStates, sweep_schedule
 
@@ -79,6 +79,12 @@ class Setup:
     per_host: int
     samples: int
     seq_len: int
+    slices: tuple[int, ...] | None = None  # blocks per rank; None: as even as the block count allows
+
+    def slice_sizes(self) -> list[int]:
+        if self.slices is not None:
+            return list(self.slices)
+        return [len(shard(self.blocks, rank, self.ranks)) for rank in range(self.ranks)]
 
     @property
     def block_params(self) -> int:
@@ -99,11 +105,8 @@ class Setup:
         return flops_per_token(config, self.seq_len, self.block_params)
 
     def owners(self) -> list[int]:
-        """The rank that holds each block: contiguous slices, as even as the block count allows."""
-        owner = []
-        for rank in range(self.ranks):
-            owner += [rank] * len(shard(self.blocks, rank, self.ranks))
-        return owner
+        """The rank that holds each block: contiguous slices in rank order."""
+        return [rank for rank, size in enumerate(self.slice_sizes()) for _ in range(size)]
 
     def host(self, rank: int) -> int:
         return rank // self.per_host
@@ -157,13 +160,50 @@ def step_counts(setup: Setup, plans: list[tuple]) -> Step:
     return Step(len(plans), runs, sends, len(straddling), entry_reads)
 
 
+def search_sweeps(setup: Setup) -> list[list[tuple]]:
+    return predicted_sweeps(setup.blocks, setup.blocks // 4, 0, setup.blocks - 2)
+
+
+def work_balanced(setup: Setup) -> Setup:
+    """The same setup with slices sized by work: contiguous slices whose block runs over the whole
+    search are as even as possible (the smallest largest load, by bisection over a greedy split), no
+    slice holding more blocks than fit the usable HBM beside the embedding or head."""
+    per_block = Setup(**{**setup.__dict__, "ranks": setup.blocks, "slices": (1,) * setup.blocks})
+    loads = [0] * setup.blocks
+    for plans in search_sweeps(setup):
+        loads = [a + b for a, b in zip(loads, step_counts(per_block, plans).runs, strict=True)]
+    table, in_flight, workspace = overheads(setup)
+    usable = ASSUMED["hbm_bytes"] * ASSUMED["usable_fraction"]
+    most = int((usable - table - in_flight - workspace) // setup.block_bytes)
+
+    def split(capacity: int) -> list[int] | None:
+        sizes, load = [0], 0
+        for block_load in loads:
+            if sizes[-1] and (load + block_load > capacity or sizes[-1] == most):
+                sizes.append(0)
+                load = 0
+            sizes[-1] += 1
+            load += block_load
+        return sizes if len(sizes) <= setup.ranks else None
+
+    low, high = max(loads), sum(loads)
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if split(middle) else (middle + 1, high)
+    sizes = split(low)
+    sizes += [0] * (setup.ranks - len(sizes))
+    return Setup(**{**setup.__dict__, "slices": tuple(sizes)})
+
+
 def pipeline_row(setup: Setup) -> dict:
-    sweeps = predicted_sweeps(setup.blocks, setup.blocks // 4, 0, setup.blocks - 2)
+    sweeps = search_sweeps(setup)
     steps = [step_counts(setup, plans) for plans in sweeps]
+    if sum(sum(step.runs) for step in steps) != sharing_gain(sweeps, setup.blocks)[1]:
+        raise SystemExit("block runs differ from cost.sharing_gain's count of the same sweeps")
     rate = ASSUMED["bf16_flops"] * ASSUMED["efficiency"]
     tokens = setup.samples * setup.seq_len
     run_s = tokens * setup.flops_per_token / rate  # one plan state through one block
-    slice_blocks = max(len(shard(setup.blocks, r, setup.ranks)) for r in range(setup.ranks))
+    slice_blocks = max(setup.slice_sizes())
     memory = rank_memory(setup)
     spilled_fraction = [m["spilled_boundaries_gb"] / max(m["boundaries_gb"], 1e-12) for m in memory]
 
@@ -205,6 +245,7 @@ def pipeline_row(setup: Setup) -> dict:
     return {
         "model": setup.model,
         "cluster": f"{setup.ranks} ranks, {setup.per_host} per host",
+        "slices": "equal" if setup.slices is None else "by work: " + ",".join(map(str, setup.slices)),
         "ranks": setup.ranks,
         "hosts": math.ceil(setup.ranks / setup.per_host),
         "calibration": f"{setup.samples} x {setup.seq_len}",
@@ -214,6 +255,7 @@ def pipeline_row(setup: Setup) -> dict:
         "mean_step_s": sum(t["seconds"] for t in timed) / len(timed),
         "search_h": sum(t["seconds"] for t in timed) / 3600,
         "first_step_busy": first["busy"],
+        "search_busy": sum(sum(t["compute_s"]) for t in timed) / (setup.ranks * sum(t["seconds"] for t in timed)),
         "first_step_link_s": first["link_s"],
         "first_step_bubble_s": first["bubble_s"],
         "first_step_nvlink_gb_per_rank_max": max(first["nvlink_bytes"]) / GB,
@@ -225,6 +267,15 @@ def pipeline_row(setup: Setup) -> dict:
     }
 
 
+def overheads(setup: Setup) -> tuple[int, int, int]:
+    """Bytes beside the blocks: the embedding or head table (first and last rank), three one-sample plan
+    states in flight, one sample's block workspace."""
+    config = {"hidden_size": setup.shape.hidden, "intermediate_size": setup.shape.intermediate}
+    config["num_attention_heads"] = setup.shape.heads
+    workspace = activation_bytes_per_sample(config, setup.seq_len, torch.bfloat16)
+    return setup.shape.vocab * setup.shape.hidden * BF16, 3 * setup.state_bytes // setup.samples, workspace
+
+
 def rank_memory(setup: Setup) -> list[dict]:
     """GB per rank: its blocks, embedding (rank 0) or final norm and head (last rank), the original
     boundary states entering its blocks (plus the final and reference final-norm states on the last
@@ -233,16 +284,12 @@ def rank_memory(setup: Setup) -> list[dict]:
     (Shared plan histories that diverge inside a slice keep their common state until both branches
     ran: more in-flight states, bounded by the boundary budget; not modelled.)"""
     usable = ASSUMED["hbm_bytes"] * ASSUMED["usable_fraction"]
-    config = {"hidden_size": setup.shape.hidden, "intermediate_size": setup.shape.intermediate}
-    config["num_attention_heads"] = setup.shape.heads
-    workspace = activation_bytes_per_sample(config, setup.seq_len, torch.bfloat16)
-    table = setup.shape.vocab * setup.shape.hidden * BF16
+    table, in_flight, workspace = overheads(setup)
     rows = []
     for rank in range(setup.ranks):
-        blocks = len(shard(setup.blocks, rank, setup.ranks))
+        blocks = setup.slice_sizes()[rank]
         weights = blocks * setup.block_bytes + (table if rank in (0, setup.ranks - 1) else 0)
         boundaries = (blocks + (2 if rank == setup.ranks - 1 else 0)) * setup.state_bytes
-        in_flight = 3 * setup.state_bytes // setup.samples
         fixed = weights + in_flight + workspace
         spilled = min(boundaries, max(0.0, fixed + boundaries - usable))
         rows.append(
@@ -361,22 +408,26 @@ def markdown(pipeline: list[dict], heatmaps: list[dict], checks: list[dict]) -> 
         "+ one-sample fill/drain bubble, busiest link); busy = all ranks' compute / (ranks x step time).",
         "The one-GPU column is the same step on one H200 by the same arithmetic (blocks beyond HBM re-read",
         "from a 5 GB/s disk every step; states assumed to fit, so it leans low for 128 x 2048).",
-        "Busy is about 50-57 %: with equal slices the top ranks run most blocks (every plan runs from its",
-        "departure to the top), so slices sized by work rather than by memory alone would gain up to ~1.8x.",
+        "With equal slices the ranks are about half busy: the upper ranks run most blocks (every plan runs",
+        "from its departure to the top). The rows 'by work' size the slices so that each rank's block runs",
+        "over the whole search are as even as contiguous slices allow (at most the blocks that fit its HBM",
+        "beside the head and working memory); the work moves between steps as windows grow, so a static",
+        "split gains on the mean step and loses on the first.",
         "Fits: weights, in-flight states and workspace within 85 % of HBM on every rank (boundary states",
         "beyond that are spilled to host memory and read back over PCIe when plans enter there).",
         "",
-        "| model | GPUs | calibration | step 1 plans | step 1 s | mean step s | search h (all steps) | busy | "
+        "| model | GPUs | calibration | slices (blocks per rank) | step 1 plans | step 1 s | mean step s | "
+        "search h (all steps) | busy (search) | "
         "1 x H200 step 1 s | sent GB / step (all ranks) | max NVLink GB / rank | max network GB / rank | "
         "straddling-window weights GB | memory / rank GB (max) | spilled to host GB / rank | fits |",
-        "|" + "---|" * 16,
+        "|" + "---|" * 17,
     ]
     for row in pipeline:
         worst = max(row["memory"], key=lambda m: m["total_gb"])
         lines.append(
             f"| {row['model']} | {row['ranks']} ({row['hosts']} host{'s' if row['hosts'] > 1 else ''}) | "
-            f"{row['calibration']} | {row['first_step_plans']} | {row['first_step_s']:.2f} | "
-            f"{row['mean_step_s']:.2f} | {row['search_h']:.3f} | {row['first_step_busy']:.0%} | "
+            f"{row['calibration']} | {row['slices']} | {row['first_step_plans']} | {row['first_step_s']:.2f} | "
+            f"{row['mean_step_s']:.2f} | {row['search_h']:.3f} | {row['search_busy']:.0%} | "
             f"{row['one_gpu_first_step_s']:.1f} | {row['first_step_sent_gb_total']:.1f} | "
             f"{row['first_step_nvlink_gb_per_rank_max']:.2f} | {row['first_step_network_gb_per_rank_max']:.2f} | "
             f"{row['first_step_straddling_weight_gb']:.1f} | {worst['total_gb']:.1f} "
@@ -421,9 +472,10 @@ def main() -> None:
         for ranks, per_host in CLUSTERS.values():
             for samples, seq_len in CALIBRATIONS:
                 setup = Setup(model, shape, blocks, ranks, per_host, samples, seq_len)
-                pipeline.append(pipeline_row(setup))
                 heatmaps.append(heatmap_row(setup))
-                print(json.dumps({k: v for k, v in pipeline[-1].items() if k != "memory"}), flush=True)
+                for variant in (setup, work_balanced(setup)):
+                    pipeline.append(pipeline_row(variant))
+                    print(json.dumps({k: v for k, v in pipeline[-1].items() if k != "memory"}), flush=True)
     args.out.write_text(markdown(pipeline, heatmaps, checks))
     if args.json:
         args.json.write_text(json.dumps({"assumed": ASSUMED, "ring_checks": checks, "pipeline": pipeline}, indent=1))
