@@ -149,11 +149,22 @@ def layer_centers(rows: Sequence[Tensor], cols: Sequence[Tensor] | None = None, 
     return centers
 
 
-def centred_copy(x: Tensor, center: Tensor, dtype: torch.dtype, width: int | None = None, chunk: int = 4096) -> Tensor:
+def centred_copy(
+    x: Tensor,
+    center: Tensor,
+    dtype: torch.dtype,
+    width: int | None = None,
+    chunk: int = 4096,
+    out: Tensor | None = None,
+) -> Tensor:
     """(x - center) computed in center's precision, then cast to `dtype`, as a new [n, width] tensor
-    (zero columns pad d up to `width`); a chunk of rows at a time, so the float32 temporary stays small."""
+    (zero columns pad d up to `width`), or written into `out` [n, width] of that dtype; a chunk of
+    rows at a time, so the float32 temporary stays small."""
     n, d = x.shape
-    out = torch.zeros(n, width or d, dtype=dtype, device=x.device)
+    if out is None:
+        out = torch.zeros(n, width or d, dtype=dtype, device=x.device)
+    else:
+        out[:, d:] = 0
     for s in range(0, n, chunk):
         out[s : s + chunk, :d] = (x[s : s + chunk].to(center.dtype) - center).to(dtype)
     return out
