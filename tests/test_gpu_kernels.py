@@ -1,7 +1,9 @@
 """Every GPU backend (Triton, the CUDA extension, tiled on CUDA) at real sizes, through its default,
 autotuned launchers: n = 300-700 tokens over several 128-token tiles (ragged last tiles, off-diagonal
 tiles, the pipelined d loop), widths 264, 1001 (padded to 1008) and 4096, bf16 / fp16 / fp32,
-symmetric and rectangular, against the float64 oracle on the same rounded values. Needs a CUDA device
+symmetric and rectangular, against the float64 oracle on the same rounded values. Triton's two
+all-pairs paths (the persistent fused kernel and the cuBLAS GEMM slabs with the Triton epilogue) are
+also each run at every width, whichever SLAB_MIN_WIDTH would pick. Needs a CUDA device
 (`pytest -m gpu tests/test_gpu_kernels.py`); the CUDA cases also need the built extension.
 
 Tolerances, from the arithmetic (u = 2^-24; independent roundings add like a random walk, Higham &
@@ -66,6 +68,31 @@ def _sums_rtol(width: int) -> float:
     return 8 * 2.0**-24 * (math.sqrt(width + 2) + TILE)
 
 
+def _check_sums(run, dtype: torch.dtype, width: int, kernel: str, m: int, k, pairs: list) -> None:
+    """run(rows, cols, kernel=, gammas=, pairs=, centers=) against the oracle on the same rounded values."""
+    raw = _activations(m + (k or 0), width, 3, seed=width)
+    centers = layer_centers(raw)
+    # The values the tensor cores multiply: centred in float32, rounded to dtype. Passing them with
+    # zero centres makes the backend multiply exactly these; the oracle sees the same values.
+    rounded = [centred_copy(x, c, dtype) for x, c in zip(raw, centers, strict=True)]
+    rows = [x[:m] for x in rounded]
+    cols = None if k is None else [x[m:] for x in rounded]
+    zeros = [torch.zeros(width, device="cuda") for _ in rounded]
+    gammas = [1.0 / (2.0 * float(x.float().var(0).sum())) for x in rows] if kernel == "rbf" else None
+    pairs = torch.tensor(pairs)
+    got = run(rows, cols, kernel=kernel, gammas=gammas, pairs=pairs, centers=zeros)
+    got = KernelSums(*(t.cpu() for t in got))
+    host_rows = [x.cpu() for x in rows]
+    host_cols = None if cols is None else [x.cpu() for x in cols]
+    host_zeros = [z.cpu() for z in zeros]
+    want = oracle_kernel_sums(host_rows, host_cols, kernel=kernel, gammas=gammas, pairs=pairs, centers=host_zeros)
+    scale = oracle_magnitudes(host_rows, host_cols, kernel=kernel, gammas=gammas, pairs=pairs, centers=host_zeros)
+    for name in ("frob", "row_sums", "col_sums"):
+        error = (getattr(got, name) - getattr(want, name)).abs()
+        bound = _sums_rtol(width) * getattr(scale, name)
+        assert bool((error <= bound).all()), (name, float((error / getattr(scale, name)).max()))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("width", WIDTHS)
@@ -79,28 +106,20 @@ def _sums_rtol(width: int) -> float:
 def test_kernel_sums_at_real_sizes(
     backend: str, dtype: torch.dtype, width: int, kernel: str, m: int, k, pairs: list
 ) -> None:
-    module = _backend(backend)
-    raw = _activations(m + (k or 0), width, 3, seed=width)
-    centers = layer_centers(raw)
-    # The values the tensor cores multiply: centred in float32, rounded to dtype. Passing them with
-    # zero centres makes the backend multiply exactly these; the oracle sees the same values.
-    rounded = [centred_copy(x, c, dtype) for x, c in zip(raw, centers, strict=True)]
-    rows = [x[:m] for x in rounded]
-    cols = None if k is None else [x[m:] for x in rounded]
-    zeros = [torch.zeros(width, device="cuda") for _ in rounded]
-    gammas = [1.0 / (2.0 * float(x.float().var(0).sum())) for x in rows] if kernel == "rbf" else None
-    pairs = torch.tensor(pairs)
-    got = module.kernel_sums(rows, cols, kernel=kernel, gammas=gammas, pairs=pairs, centers=zeros)
-    got = KernelSums(*(t.cpu() for t in got))
-    host_rows = [x.cpu() for x in rows]
-    host_cols = None if cols is None else [x.cpu() for x in cols]
-    host_zeros = [z.cpu() for z in zeros]
-    want = oracle_kernel_sums(host_rows, host_cols, kernel=kernel, gammas=gammas, pairs=pairs, centers=host_zeros)
-    scale = oracle_magnitudes(host_rows, host_cols, kernel=kernel, gammas=gammas, pairs=pairs, centers=host_zeros)
-    for name in ("frob", "row_sums", "col_sums"):
-        error = (getattr(got, name) - getattr(want, name)).abs()
-        bound = _sums_rtol(width) * getattr(scale, name)
-        assert bool((error <= bound).all()), (name, float((error / getattr(scale, name)).max()))
+    _check_sums(_backend(backend).kernel_sums, dtype, width, kernel, m, k, pairs)
+
+
+@pytest.mark.parametrize("path", ["persistent", "slab"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)  # fp16 takes bf16's code path
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+@pytest.mark.parametrize(("m", "k"), [(700, None), (517, 301)], ids=["symmetric", "rectangular"])
+def test_triton_all_pairs_paths_at_real_sizes(path: str, dtype: torch.dtype, width: int, kernel: str, m: int, k):
+    """Each of Triton's all-pairs paths at every width (its autotuned launcher; the slab path's cuBLAS
+    GEMMs with fp32 output)."""
+    module = _backend("triton")
+    run = getattr(module, f"{path}_kernel_sums")
+    _check_sums(run, dtype, width, kernel, m, k, [[0, 1], [1, 2], [0, 0], [2, 1], [2, 2], [1, 1]])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -161,11 +161,11 @@ def test_all_pairs_variant_follows_the_width(monkeypatch, width):
 
 
 def test_slab_sizes():
-    """GPU slab sizes: the target case (80 layers, 16k tokens) takes 1024-token slabs and 6144-column
-    chunks (an fp32 stage of 2 GB); the symmetric slab stays under n / 16; the interpreter uses 16."""
-    assert triton_slabs.slab_size(80, 16384, True, interpreting=False) == 1024
-    assert triton_slabs.chunk_size(80, 1024) == 6144
-    assert triton_slabs.slab_size(80, 700, True, interpreting=False) == 32
+    """GPU slab sizes: the target case (80 layers, 16k tokens) takes 512-token slabs (3% of the work in
+    whole diagonal blocks) and 12800-column chunks (an fp32 stage of 2 GB); the interpreter uses 16."""
+    assert triton_slabs.slab_size(80, 16384, True, interpreting=False) == 512
+    assert triton_slabs.chunk_size(80, 512) == 12800
+    assert triton_slabs.slab_size(80, 4096, True, interpreting=False) == 128
     assert triton_slabs.slab_size(80, 700, False, interpreting=False) == 1024
     assert triton_slabs.slab_size(2, 700, True, interpreting=True) == 16
 

@@ -39,8 +39,8 @@ except ImportError:  # triton_cka.unavailable_reason says why
 
 # Bytes of the fp32 stage [L, t, c] of one slab and chunk.
 STAGE_BYTES = 2 << 30
-# Row slab t on a GPU: the symmetric pass computes diagonal blocks whole, t / (2 n) of the work extra,
-# so the slab is also kept under n / 16; chunks are multiples of it.
+# Row slab t on a GPU: the symmetric pass computes diagonal blocks whole, t / n of the work extra, so
+# the slab is also kept under n / 32 (3%); chunks are multiples of it.
 MAX_SLAB_GPU = 1024
 MIN_SLAB = 16
 # Epilogue tile of the Triton kernel (rows x columns of the stage per program).
@@ -110,11 +110,11 @@ if triton is not None:
 def slab_size(n_layers: int, m: int, symmetric: bool, interpreting: bool) -> int:
     """Row slab t: MIN_SLAB in the interpreter (small tests still cover several slabs); on a GPU the
     largest power of two <= MAX_SLAB_GPU such that the stage of one slab square fits STAGE_BYTES, and
-    under m / 16 in the symmetric case (diagonal blocks computed whole)."""
+    under m / 32 in the symmetric case (diagonal blocks computed whole)."""
     if interpreting:
         return MIN_SLAB
     t = MAX_SLAB_GPU
-    while t > MIN_SLAB and (n_layers * t * t * 4 > STAGE_BYTES or (symmetric and t > m // 16)):
+    while t > MIN_SLAB and (n_layers * t * t * 4 > STAGE_BYTES or (symmetric and t > m // 32)):
         t //= 2
     return t
 
