@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from slm_fast.kernels import BACKEND_MODULES, tiled, triton_slabs
+from slm_fast.kernels import BACKEND_MODULES, slabs, tiled
 
 TFLOP = 1e12
 
@@ -90,7 +90,7 @@ def _tile(name: str, module: object, n_layers: int, n: int, d: int, band: bool) 
         if band:
             return module.BAND_BLOCK_GPU
         if d >= module.SLAB_MIN_WIDTH:
-            return triton_slabs.slab_size(n_layers, n, True, interpreting=False)
+            return slabs.slab_size(n_layers, n, True, interpreting=False)
         return module.DEFAULT_BLOCK_GPU
     return module.BLOCK
 

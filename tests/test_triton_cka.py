@@ -18,7 +18,7 @@ from slm_fast.errors import InputError
 from slm_fast.kernels import load_backend
 
 triton_cka = pytest.importorskip("slm_fast.kernels.triton_cka")
-triton_slabs = pytest.importorskip("slm_fast.kernels.triton_slabs")
+slabs = pytest.importorskip("slm_fast.kernels.slabs")
 if triton_cka.unavailable_reason("cuda" if torch.cuda.is_available() else "cpu") is not None:
     pytest.skip("the Triton backend cannot run here", allow_module_level=True)
 
@@ -111,7 +111,7 @@ def test_chunked_partials_and_staging(monkeypatch, variant, symmetric):
     slab): the float64 reductions across chunks and batches must not change the sums."""
     monkeypatch.setattr(triton_cka, "PARTIALS_BYTES", 1)
     monkeypatch.setattr(triton_cka, "STAGED_TILES_BYTES", 3 * 2 * 16 * 16 * 4)
-    monkeypatch.setattr(triton_slabs, "STAGE_BYTES", 2 * 16 * 32 * 4)
+    monkeypatch.setattr(slabs, "STAGE_BYTES", 2 * 16 * 32 * 4)
     widths = [16, 24]
     rows = _layers(50, widths, torch.float32, seed=5)
     cols = None if symmetric else _layers(35, widths, torch.float32, seed=6)
@@ -163,11 +163,11 @@ def test_all_pairs_variant_follows_the_width(monkeypatch, width):
 def test_slab_sizes():
     """GPU slab sizes: the target case (80 layers, 16k tokens) takes 512-token slabs (3% of the work in
     whole diagonal blocks) and 12800-column chunks (an fp32 stage of 2 GB); the interpreter uses 16."""
-    assert triton_slabs.slab_size(80, 16384, True, interpreting=False) == 512
-    assert triton_slabs.chunk_size(80, 512) == 12800
-    assert triton_slabs.slab_size(80, 4096, True, interpreting=False) == 128
-    assert triton_slabs.slab_size(80, 700, False, interpreting=False) == 1024
-    assert triton_slabs.slab_size(2, 700, True, interpreting=True) == 16
+    assert slabs.slab_size(80, 16384, True, interpreting=False) == 512
+    assert slabs.chunk_size(80, 512) == 12800
+    assert slabs.slab_size(80, 4096, True, interpreting=False) == 128
+    assert slabs.slab_size(80, 700, False, interpreting=False) == 1024
+    assert slabs.slab_size(2, 700, True, interpreting=True) == 16
 
 
 @pytest.mark.slow
@@ -186,9 +186,19 @@ def test_gpu_tile_sizes_in_the_interpreter(symmetric, dtype):
     _assert_matches_oracle(got, rows, cols, "rbf", gammas, pairs, rtol=rtol)
     zeros = [torch.zeros(w) for w in widths]
     p = triton_cka._prepare(rows, cols, "rbf", gammas, pairs, zeros)
-    # interpreting=False: the GPU's sizes (the epilogue kernel still runs in the interpreter)
-    got = triton_slabs.all_pairs_slabs(
-        p.rows, p.cols, p.row_norms, p.col_norms, p.scales, p.pairs, p.symmetric, interpreting=False
+    # The GPU's slab and epilogue tile (the epilogue kernel still runs in the interpreter)
+    slab = slabs.slab_size(len(widths), 700, symmetric, interpreting=False)
+    got = slabs.all_pairs_slabs(
+        p.rows,
+        p.cols,
+        p.row_norms,
+        p.col_norms,
+        p.scales,
+        p.pairs,
+        p.symmetric,
+        slab=slab,
+        gram_into=triton_cka.triton_slabs.gram_into,
+        epilogue=triton_cka.triton_slabs.epilogue,
     )
     _assert_matches_oracle(got, rows, cols, "rbf", gammas, pairs, rtol=rtol)
 

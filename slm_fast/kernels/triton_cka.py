@@ -37,9 +37,8 @@ import torch
 from torch import Tensor
 
 from slm_fast.errors import InputError
-from slm_fast.kernels import KernelSums, centred_copy, check_inputs
+from slm_fast.kernels import KernelSums, centred_copy, check_inputs, slabs, triton_slabs
 from slm_fast.kernels.tiled import LOG2_E
-from slm_fast.kernels.triton_slabs import all_pairs_slabs
 
 try:
     import triton
@@ -867,10 +866,11 @@ def _run_persistent(problem: _Problem, block: int) -> KernelSums:
 
 
 def _run_slabs(problem: _Problem, block: int) -> KernelSums:
-    """Large d: vendor GEMMs for the Gram slabs and a Triton epilogue (triton_slabs.py); `block` is
-    not used (the slab size is chosen there)."""
+    """Large d: vendor GEMMs for the Gram slabs and a Triton epilogue (slabs.py, triton_slabs.py);
+    `block` is not used (slabs.slab_size chooses the slab)."""
     del block
-    return all_pairs_slabs(
+    interpreting = _interpreting()
+    return slabs.all_pairs_slabs(
         problem.rows,
         problem.cols,
         problem.row_norms,
@@ -878,7 +878,9 @@ def _run_slabs(problem: _Problem, block: int) -> KernelSums:
         problem.scales if problem.rbf else None,
         problem.pairs,
         problem.symmetric,
-        _interpreting(),
+        slab=slabs.slab_size(problem.n_layers, problem.n_rows, problem.symmetric, interpreting),
+        gram_into=triton_slabs.gram_into,
+        epilogue=functools.partial(triton_slabs.epilogue, interpreting=interpreting),
     )
 
 
