@@ -83,15 +83,13 @@ def _free_memory() -> None:
 
 def _tile(name: str, module: object, n_layers: int, n: int, d: int, band: bool) -> int:
     """The token tile the backend uses for this symmetric bf16 call (see each backend's kernel_sums):
-    for Triton's all-pairs variant from SLAB_MIN_WIDTH on, the row slab of its GEMM path."""
+    for the all-pairs variants of Triton and CUDA from SLAB_MIN_WIDTH on, the row slab of the GEMM path."""
     if name == "tiled":
         return tiled.default_tile(n_layers, n, True, torch.device("cuda"), element_bytes=4)
+    if not band and d >= module.SLAB_MIN_WIDTH:
+        return slabs.slab_size(n_layers, n, True, interpreting=False)
     if name == "triton":
-        if band:
-            return module.BAND_BLOCK_GPU
-        if d >= module.SLAB_MIN_WIDTH:
-            return slabs.slab_size(n_layers, n, True, interpreting=False)
-        return module.DEFAULT_BLOCK_GPU
+        return module.BAND_BLOCK_GPU if band else module.DEFAULT_BLOCK_GPU
     return module.BLOCK
 
 

@@ -1,9 +1,10 @@
 """Every GPU backend (Triton, the CUDA extension, tiled on CUDA) at real sizes, through its default,
 autotuned launchers: n = 300-700 tokens over several 128-token tiles (ragged last tiles, off-diagonal
 tiles, the pipelined d loop), widths 264, 1001 (padded to 1008) and 4096, bf16 / fp16 / fp32,
-symmetric and rectangular, against the float64 oracle on the same rounded values. Triton's two
-all-pairs paths (the persistent fused kernel and the cuBLAS GEMM slabs with the Triton epilogue) are
-also each run at every width, whichever SLAB_MIN_WIDTH would pick. Needs a CUDA device
+symmetric and rectangular, against the float64 oracle on the same rounded values. The all-pairs
+paths (Triton's persistent fused kernel, Triton's cuBLAS GEMM slabs with its Triton epilogue, the CUDA
+extension's cuBLASLt slabs with its CUDA epilogue) are also each run at every width, whichever
+SLAB_MIN_WIDTH would pick. Needs a CUDA device
 (`pytest -m gpu tests/test_gpu_kernels.py`); the CUDA cases also need the built extension.
 
 Tolerances, from the arithmetic (u = 2^-24; independent roundings add like a random walk, Higham &
@@ -109,16 +110,19 @@ def test_kernel_sums_at_real_sizes(
     _check_sums(_backend(backend).kernel_sums, dtype, width, kernel, m, k, pairs)
 
 
-@pytest.mark.parametrize("path", ["persistent", "slab"])
+@pytest.mark.parametrize(
+    ("backend", "path"), [("triton", "persistent"), ("triton", "slab"), ("cuda", "slab")], ids="-".join
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)  # fp16 takes bf16's code path
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
 @pytest.mark.parametrize(("m", "k"), [(700, None), (517, 301)], ids=["symmetric", "rectangular"])
-def test_triton_all_pairs_paths_at_real_sizes(path: str, dtype: torch.dtype, width: int, kernel: str, m: int, k):
-    """Each of Triton's all-pairs paths at every width (its autotuned launcher; the slab path's cuBLAS
-    GEMMs with fp32 output)."""
-    module = _backend("triton")
-    run = getattr(module, f"{path}_kernel_sums")
+def test_all_pairs_paths_at_real_sizes(
+    backend: str, path: str, dtype: torch.dtype, width: int, kernel: str, m: int, k
+) -> None:
+    """Each all-pairs path at every width (Triton's autotuned launcher; the slab paths' cuBLAS /
+    cuBLASLt GEMMs with fp32 output and their epilogues)."""
+    run = getattr(_backend(backend), f"{path}_kernel_sums")
     _check_sums(run, dtype, width, kernel, m, k, [[0, 1], [1, 2], [0, 0], [2, 1], [2, 2], [1, 1]])
 
 

@@ -170,6 +170,26 @@ def centred_copy(
     return out
 
 
+def centred_stack(layers: Sequence[Tensor], centers: Sequence[Tensor], dtype: torch.dtype, width: int) -> Tensor:
+    """[L, n, width]: layer a's tokens minus centers[a] (see `centred_copy`), zero-padded: one tensor
+    for backends that take all layers in one batched GEMM or one launch (the layers of a model share a
+    width; narrower ones are padded to the widest)."""
+    out = torch.empty(len(layers), layers[0].shape[0], width, dtype=dtype, device=layers[0].device)
+    for a, (x, c) in enumerate(zip(layers, centers, strict=True)):
+        centred_copy(x, c, dtype, out=out[a])
+    return out
+
+
+def stacked_squared_norms(x: Tensor, chunk_bytes: int = 64 << 20) -> Tensor:
+    """|x_i|^2 in fp32 of stacked layers [L, n, D] -> [L, n], upcasting a bounded chunk of rows at a time."""
+    out = torch.empty(x.shape[:2], dtype=torch.float32, device=x.device)
+    step = max(1, chunk_bytes // (4 * max(1, x.shape[2])))
+    for a in range(x.shape[0]):
+        for i in range(0, x.shape[1], step):
+            out[a, i : i + step] = x[a, i : i + step].float().square().sum(1)
+    return out
+
+
 BACKEND_MODULES = {
     "tiled": "slm_fast.kernels.tiled",
     "triton": "slm_fast.kernels.triton_cka",

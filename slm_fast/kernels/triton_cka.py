@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from slm_fast.errors import InputError
-from slm_fast.kernels import KernelSums, centred_copy, check_inputs, slabs, triton_slabs
+from slm_fast.kernels import KernelSums, centred_stack, check_inputs, slabs, stacked_squared_norms, triton_slabs
 from slm_fast.kernels.tiled import LOG2_E
 
 try:
@@ -513,37 +513,19 @@ def _prepare(
     inputs = check_inputs(rows, cols, kernel, gammas, pairs, centers, dtypes=SUPPORTED_DTYPES)
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in inputs.rows + inputs.cols))
     width = _padded(max(x.shape[1] for x in inputs.rows))
-    stacked_rows = _centred_stack(inputs.rows, inputs.centers, dtype, width)
-    stacked_cols = stacked_rows if inputs.symmetric else _centred_stack(inputs.cols, inputs.centers, dtype, width)
+    stacked_rows = centred_stack(inputs.rows, inputs.centers, dtype, width)
+    stacked_cols = stacked_rows if inputs.symmetric else centred_stack(inputs.cols, inputs.centers, dtype, width)
     rbf = kernel == "rbf"
     row_norms = col_norms = None
     if rbf:
-        row_norms = _squared_row_norms(stacked_rows)
-        col_norms = row_norms if inputs.symmetric else _squared_row_norms(stacked_cols)
+        row_norms = stacked_squared_norms(stacked_rows)
+        col_norms = row_norms if inputs.symmetric else stacked_squared_norms(stacked_cols)
     scales = [LOG2_E * g for g in inputs.gammas] if rbf else [0.0] * len(inputs.rows)
     return _Problem(stacked_rows, stacked_cols, row_norms, col_norms, scales, rbf, inputs.symmetric, inputs.pairs)
 
 
 def _padded(width: int) -> int:
     return -(-width // WIDTH_ALIGN) * WIDTH_ALIGN
-
-
-def _centred_stack(layers: Sequence[Tensor], centers: Sequence[Tensor], dtype: torch.dtype, width: int) -> Tensor:
-    """[L, n, width]: layer a's tokens minus centers[a] (see `centred_copy`), zero-padded."""
-    out = torch.empty(len(layers), layers[0].shape[0], width, dtype=dtype, device=layers[0].device)
-    for a, (x, c) in enumerate(zip(layers, centers, strict=True)):
-        centred_copy(x, c, dtype, out=out[a])
-    return out
-
-
-def _squared_row_norms(x: Tensor, chunk_bytes: int = 64 << 20) -> Tensor:
-    """|x_i|^2 in fp32 of stacked layers [L, n, D] -> [L, n], upcasting a bounded chunk of rows at a time."""
-    out = torch.empty(x.shape[:2], dtype=torch.float32, device=x.device)
-    step = max(1, chunk_bytes // (4 * max(1, x.shape[2])))
-    for a in range(x.shape[0]):
-        for i in range(0, x.shape[1], step):
-            out[a, i : i + step] = x[a, i : i + step].float().square().sum(1)
-    return out
 
 
 def _block(block_size: int | None) -> int:
