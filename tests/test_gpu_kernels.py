@@ -111,7 +111,9 @@ def test_kernel_sums_at_real_sizes(
 
 
 @pytest.mark.parametrize(
-    ("backend", "path"), [("triton", "persistent"), ("triton", "slab"), ("cuda", "slab")], ids="-".join
+    ("backend", "path"),
+    [("triton", "persistent"), ("triton", "slab"), ("cuda", "slab")],
+    ids=["triton-persistent", "triton-slab", "cuda-slab"],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)  # fp16 takes bf16's code path
 @pytest.mark.parametrize("width", WIDTHS)

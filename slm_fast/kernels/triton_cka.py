@@ -9,17 +9,22 @@ tile: its B row sums, its B column sums and its Frobenius products. Two ways of 
   computes both layers' tiles and reduces K_a*K_a, K_a*K_b and K_b*K_b without storing a tile. This
   is the sliding search's case (two layers, one pair). A layer's Gram is recomputed in every item
   holding it, so it pays when the cross pairs are few.
-- all pairs (`all_pairs_kernel_sums`): one launch per layer stages its fp32 kernel tiles in a
-  workspace [T, L, B*B] for a batch of T tile pairs, then one small matmul per tile pair gives the
-  L x L Frobenius products of all layers at once.
+- all pairs (`all_pairs_kernel_sums`), by the width (SLAB_MIN_WIDTH):
+  - small d (`persistent_kernel_sums`): one persistent launch (a program per SM) loops over the work
+    items (layer, tile pair) of a batch of T tile pairs, each a fused tile as above, and stages the
+    fp32 kernel tiles in a workspace [T, L, B*B]; one small matmul per tile pair
+    (`_staged_frob_kernel`) then gives the L x L Frobenius products of all layers at once;
+  - large d (`slab_kernel_sums`): the Gram slabs of all layers by cuBLAS batched GEMM (bf16/fp16 in,
+    fp32 out), a Triton epilogue over them and the Frobenius products as one more GEMM
+    (slm_fast/kernels/slabs.py, triton_slabs.py).
 
 Inputs are centred first (the contract's centre subtracted in float32, then cast back to the inputs'
-dtype, widths zero-padded to a multiple of 16), so RBF distances come from centred rows and the
-precision does not depend on the layers' offsets.
+dtype, into one stacked tensor [L, n, D], widths zero-padded to a multiple of 16), so RBF distances
+come from centred rows and the precision does not depend on the layers' offsets.
 
-`kernel_sums` picks the variant that computes fewer Gram tiles. Precision: per-tile partial sums are
-fp32 (one tile holds at most B*B terms) and every sum across tiles is taken in float64 on the host,
-which keeps the results deterministic (no atomics). fp32 inputs use tf32 or ieee dots as torch's
+`kernel_sums` picks the variant that computes fewer Gram tiles (band or all pairs). Precision:
+per-tile partial sums are fp32 (one tile holds at most B*B terms) and every sum across tiles is taken
+in float64 on the host, which keeps the results deterministic (no atomics). fp32 inputs use tf32 or ieee dots as torch's
 `torch.backends.cuda.matmul.fp32_precision` says (ieee by default), like torch.matmul would.
 
 On the CPU the kernels run only in Triton's interpreter (TRITON_INTERPRET=1, set by the tests),
