@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Compile-check the CUDA extension's sources with plain nvcc for Ampere (sm_80) and Hopper (sm_90a)
-# plus PTX (compute_90, the fallback newer GPUs JIT-compile); no GPU needed. Every csrc/*.cu is
+# Compile-check the CUDA extension's sources with plain nvcc for Ampere (sm_80) and Hopper (sm_90)
+# plus PTX (compute_90, the fallback newer GPUs JIT-compile), the targets setup.py builds; no GPU needed. Every csrc/*.cu is
 # compiled as setup.py's CUDAExtension would (torch's half/bf16 macros, -O3, warnings as errors) and
 # the device objects are linked into a shared library against cuBLASLt (found by scripts/find_cublas.py:
 # the CUDA toolkit or the nvidia-cublas wheel), so unresolved cuBLASLt symbols fail here too; the torch
@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC=${NVCC:-nvcc}
 PYTHON=${PYTHON:-.venv/bin/python}
-GENCODE=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
+GENCODE=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
     -gencode arch=compute_90,code=compute_90)
 
 out=$(mktemp -d)
@@ -29,7 +29,7 @@ torch_macros=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CU
 
 objects=()
 for source in csrc/*.cu; do
-    echo "nvcc sm_80 sm_90a compute_90 -c $source"
+    echo "nvcc sm_80 sm_90 compute_90 -c $source"
     object="$out/$(basename "$source").o"
     "$NVCC" "${GENCODE[@]}" -std=c++17 -O3 --use_fast_math "${torch_macros[@]}" --Werror all-warnings \
         -Xcompiler -fPIC -Icsrc -isystem "$cublas_include" -c "$source" -o "$object"
@@ -47,4 +47,4 @@ for source in csrc/*.cpp; do
         -DTORCH_EXTENSION_NAME=_cuda -DTORCH_API_INCLUDE_EXTENSION_H -D_GLIBCXX_USE_CXX11_ABI="$cxx11_abi" \
         -Xcompiler -Wall,-Wextra,-Werror -c "$source" -o "$out/$(basename "$source").o"
 done
-echo "all CUDA sources compile for sm_80, sm_90a and compute_90 (PTX)"
+echo "all CUDA sources compile for sm_80, sm_90 and compute_90 (PTX)"
