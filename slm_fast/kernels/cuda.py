@@ -20,7 +20,15 @@ import torch
 from torch import Tensor
 
 from slm_fast.errors import InputError
-from slm_fast.kernels import KernelSums, centred_copy, centred_stack, check_inputs, slabs, stacked_squared_norms
+from slm_fast.kernels import (
+    ContractInputs,
+    KernelSums,
+    centred_copy,
+    centred_stack,
+    check_inputs,
+    slabs,
+    stacked_squared_norms,
+)
 from slm_fast.kernels.tiled import LOG2_E
 
 try:
@@ -122,7 +130,7 @@ def _prefers_band(n_layers: int, pairs: list[tuple[int, int]]) -> bool:
     return 4 * gemms <= 5 * n_layers
 
 
-def _run_slabs(inputs, dtype: torch.dtype, width: int, rbf: bool) -> KernelSums:
+def _run_slabs(inputs: ContractInputs, dtype: torch.dtype, width: int, rbf: bool) -> KernelSums:
     """All pairs by the slab path (module docstring)."""
     rows = centred_stack(inputs.rows, inputs.centers, dtype, width)
     cols = rows if inputs.symmetric else centred_stack(inputs.cols, inputs.centers, dtype, width)

@@ -18,7 +18,7 @@ columns from the slab's end on, in the symmetric case):
    time at L = 80, d = 8192); so for bf16/fp16 inputs the stage D is split as hi = bf16(D),
    lo = bf16(D - hi) and D_a.D_b = hi_a.hi_b + hi_a.lo_b + lo_a.hi_b (three bf16 GEMMs with fp32
    output): a relative error ~2^-16 per product, far below the bf16 inputs' own 2^-9; fp32 inputs keep
-   the fp32 GEMM (`tiled._stage_gram`).
+   the fp32 GEMM (`tiled.stage_gram`).
 
 c_a is the mean kernel value of the first chunk; staging K - c_a keeps the large cancellations of
 HSIC centring in float64, where c_a is added back (`_frob_with_offsets`). The linear kernel stages the
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from slm_fast.kernels import KernelSums
-from slm_fast.kernels.tiled import FROB_SEGMENT, _stage_gram
+from slm_fast.kernels.tiled import FROB_SEGMENT, stage_gram
 
 # Bytes of the fp32 stage [L, t, c] of one slab and chunk.
 STAGE_BYTES = 2 << 30
@@ -125,7 +125,7 @@ def all_pairs_slabs(
                 col[:, j0:j1] += col_part.sum(1, dtype=torch.float64)
             weight = 2.0 if symmetric and not on_diagonal else 1.0
             staged = stage if len(involved) == n_layers else stage[involved]
-            frob += weight * (_stage_gram(staged) if rows.dtype == torch.float32 else _split_gram(staged))
+            frob += weight * (stage_gram(staged) if rows.dtype == torch.float32 else _split_gram(staged))
     col = row.clone() if symmetric else col
     return KernelSums(_frob_with_offsets(frob, involved, pairs, row, offsets.double(), m * k), row, col)
 
