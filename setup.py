@@ -1,6 +1,9 @@
 """Build script: the pure-Python package always; the CUDA extension only where it can be built.
 
-The extension (`slm_fast._cuda`) needs a CUDA build of torch and an nvcc toolkit. Everywhere else
+The extension (`slm_fast._cuda`) needs a CUDA build of torch, an nvcc toolkit and cuBLASLt (the
+toolkit's, or the nvidia-cublas wheel's: scripts/find_cublas.py). It is built for sm_80 and sm_90
+with PTX for newer GPUs (TORCH_CUDA_ARCH_LIST overrides; the local GPU's architecture is added when it
+is neither). Everywhere else
 (CPU-only torch, no toolkit, SLM_FAST_NO_CUDA=1) the package installs without it and the torch and
 Triton backends cover every feature. Install without build isolation so this file sees the torch
 that is installed: `pip install --no-build-isolation -e .`.
@@ -8,6 +11,7 @@ that is installed: `pip install --no-build-isolation -e .`.
 
 import glob
 import os
+import runpy
 import sys
 
 from setuptools import setup
@@ -27,20 +31,27 @@ def cuda_extension_or_reason():
     if CUDA_HOME is None:
         return [], {}, "no CUDA toolkit found (set CUDA_HOME)"
     if "TORCH_CUDA_ARCH_LIST" not in os.environ:
+        archs = ["8.0", "9.0+PTX"]
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability()
-            suffix = "a" if major == 9 else ""
-            os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}{suffix}"
-        else:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a"
+            if f"{major}.{minor}" not in ("8.0", "9.0"):
+                archs.append(f"{major}.{minor}")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+    cublas = runpy.run_path(os.path.join("scripts", "find_cublas.py"))["find"]()
+    if cublas is None:
+        return [], {}, "cuBLASLt not found (install nvidia-cublas, or a CUDA toolkit with it: scripts/find_cublas.py)"
+    cublas_include, cublas_lib = cublas
+    libraries = sorted(glob.glob(os.path.join(cublas_lib, "libcublasLt.so*")), key=len)
     sources = sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/*.cpp"))
     if not sources:
         return [], {}, "csrc/ holds no sources"
     ext = CUDAExtension(
         name="slm_fast._cuda",
         sources=sources,
-        include_dirs=[os.path.abspath("csrc")],
+        include_dirs=[os.path.abspath("csrc"), cublas_include],
+        library_dirs=[cublas_lib],
         extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        extra_link_args=[f"-l:{os.path.basename(libraries[0])}", f"-Wl,-rpath,{cublas_lib}"],
     )
     return [ext], {"build_ext": BuildExtension}, None
 

@@ -16,6 +16,8 @@
 #include <utility>
 #include <vector>
 
+#include "cka_slab_math.h"
+#include "cka_slabs.h"
 #include "cka_tile_math.h"
 #include "cka_tiles.h"
 
@@ -324,7 +326,109 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_sums(const std::vector<at:
   return band ? run_band(p) : run_all_pairs(p);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The slab path's two steps (cka_slabs.h); slm_fast/kernels/slabs.py drives the slabs and chunks.
+
+constexpr int64_t kGemmWorkspaceBytes = int64_t(32) << 20;
+
+void check_stacked(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.is_cuda() && t.dim() == 3 && t.stride(2) == 1, name,
+                    " must be a CUDA tensor [L, tokens, d] with unit stride along d");
+}
+
+// stage[a] = x[a] @ y[a]^T in fp32 for stacked layers x [L, n_i, d], y [L, n_j, d] of one dtype into
+// the contiguous fp32 stage [L, n_i, n_j], by one batched cuBLASLt GEMM.
+void gram_slab_op(const at::Tensor& x, const at::Tensor& y, at::Tensor& stage, bool tf32) {
+  check_stacked(x, "x");
+  check_stacked(y, "y");
+  TORCH_CHECK_VALUE(x.scalar_type() == y.scalar_type() && x.size(0) == y.size(0) && x.size(2) == y.size(2),
+                    "x and y must have one dtype, the same layers and the same width");
+  TORCH_CHECK_VALUE(stage.is_cuda() && stage.scalar_type() == at::kFloat && stage.is_contiguous() &&
+                        stage.dim() == 3 && stage.size(0) == x.size(0) && stage.size(1) == x.size(1) &&
+                        stage.size(2) == y.size(1),
+                    "stage must be a contiguous fp32 CUDA tensor [L, n_i, n_j]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor workspace = at::empty({kGemmWorkspaceBytes}, x.options().dtype(at::kByte));
+  GramSlabParams params{};
+  params.x = x.data_ptr();
+  params.y = y.data_ptr();
+  params.stage = stage.data_ptr<float>();
+  params.n_layers = x.size(0);
+  params.n_i = x.size(1);
+  params.n_j = y.size(1);
+  params.d = x.size(2);
+  params.stride_x_layer = x.stride(0);
+  params.stride_y_layer = y.stride(0);
+  params.stride_x_row = x.stride(1);
+  params.stride_y_row = y.stride(1);
+  params.kind = scalar_kind(x.scalar_type());
+  params.tf32 = tf32;
+  params.workspace = workspace.data_ptr();
+  params.workspace_bytes = size_t(kGemmWorkspaceBytes);
+  if (params.n_layers == 0 || params.n_i == 0 || params.n_j == 0) return;
+  const std::string error = gram_slab(params, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(error.empty(), "gram_slab: ", error);
+}
+
+// The epilogue over the stage [L, n_i, n_j] (cka_slabs.h); returns the fp32 partial row sums
+// [L, warp columns, n_i] and column sums [L, row blocks, n_j] (empty when not col_sums).
+std::tuple<at::Tensor, at::Tensor> slab_epilogue_op(at::Tensor& stage, const at::Tensor& norm_i,
+                                                    const at::Tensor& norm_j, const at::Tensor& scales,
+                                                    const at::Tensor& offsets, int64_t diagonal_shift, bool rbf,
+                                                    bool diagonal, bool col_sums) {
+  TORCH_CHECK_VALUE(stage.is_cuda() && stage.scalar_type() == at::kFloat && stage.is_contiguous() && stage.dim() == 3,
+                    "stage must be a contiguous fp32 CUDA tensor [L, n_i, n_j]");
+  const int64_t n_layers = stage.size(0), n_i = stage.size(1), n_j = stage.size(2);
+  for (const at::Tensor* t : {&norm_i, &norm_j, &scales, &offsets}) {
+    TORCH_CHECK_VALUE(t->is_cuda() && t->scalar_type() == at::kFloat && t->stride(-1) == 1,
+                      "norms, scales and offsets must be fp32 CUDA tensors with unit inner stride");
+  }
+  if (rbf) {
+    TORCH_CHECK_VALUE(norm_i.dim() == 2 && norm_i.size(0) == n_layers && norm_i.size(1) >= n_i && norm_j.dim() == 2 &&
+                          norm_j.size(0) == n_layers && norm_j.size(1) >= n_j && scales.numel() == n_layers &&
+                          offsets.numel() == n_layers,
+                      "rbf needs norms [L, >= n_i] and [L, >= n_j], and L scales and offsets");
+  }
+  const c10::cuda::CUDAGuard guard(stage.device());
+  const auto f32 = stage.options();
+  at::Tensor row_part = at::empty({n_layers, slab_warp_columns(n_j), n_i}, f32);
+  at::Tensor col_part = col_sums ? at::empty({n_layers, slab_row_blocks(n_i), n_j}, f32) : at::empty({0}, f32);
+  SlabEpilogueParams params{};
+  params.stage = stage.data_ptr<float>();
+  params.norm_i = norm_i.data_ptr<float>();
+  params.norm_j = norm_j.data_ptr<float>();
+  params.scales = scales.data_ptr<float>();
+  params.offsets = offsets.data_ptr<float>();
+  params.row_part = row_part.data_ptr<float>();
+  params.col_part = col_sums ? col_part.data_ptr<float>() : nullptr;
+  params.n_layers = n_layers;
+  params.n_i = n_i;
+  params.n_j = n_j;
+  params.stride_norm_i = rbf ? norm_i.stride(0) : 0;
+  params.stride_norm_j = rbf ? norm_j.stride(0) : 0;
+  params.diagonal_shift = diagonal_shift;
+  params.rbf = rbf;
+  params.diagonal = diagonal;
+  params.col_sums = col_sums;
+  check_cuda(launch_slab_epilogue(params, c10::cuda::getCurrentCUDAStream()), "slab_epilogue_kernel");
+  return {row_part, col_part};
+}
+
 }  // namespace slm_fast
+
+namespace {
+
+// Runs fn, turning bad input (c10::ValueError) into Python's ValueError whatever translators exist.
+template <typename Fn>
+auto value_errors_to_python(Fn fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const c10::ValueError& e) {
+    throw pybind11::value_error(e.what_without_backtrace());
+  }
+}
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused CKA kernel-sums tiles (see slm_fast/kernels/cuda.py)";
@@ -333,13 +437,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "kernel_sums",
       [](const std::vector<at::Tensor>& rows, const std::vector<at::Tensor>& cols, bool rbf,
          const std::vector<double>& gammas, const at::Tensor& pairs, bool tf32, int64_t variant) {
-        try {
-          return slm_fast::kernel_sums(rows, cols, rbf, gammas, pairs, tf32, variant);
-        } catch (const c10::ValueError& e) {  // bad input: Python ValueError, whatever translators exist
-          throw pybind11::value_error(e.what_without_backtrace());
-        }
+        return value_errors_to_python([&] { return slm_fast::kernel_sums(rows, cols, rbf, gammas, pairs, tf32, variant); });
       },
       "Kernel sums of L layers over one (rows x cols) block", pybind11::arg("rows"), pybind11::arg("cols"),
       pybind11::arg("rbf"), pybind11::arg("gammas"), pybind11::arg("pairs"), pybind11::arg("tf32"),
       pybind11::arg("variant"));
+  m.def(
+      "gram_slab",
+      [](const at::Tensor& x, const at::Tensor& y, at::Tensor& stage, bool tf32) {
+        value_errors_to_python([&] { slm_fast::gram_slab_op(x, y, stage, tf32); });
+      },
+      "stage[a] = x[a] @ y[a]^T in fp32 by one batched cuBLASLt GEMM", pybind11::arg("x"), pybind11::arg("y"),
+      pybind11::arg("stage"), pybind11::arg("tf32"));
+  m.def(
+      "slab_epilogue",
+      [](at::Tensor& stage, const at::Tensor& norm_i, const at::Tensor& norm_j, const at::Tensor& scales,
+         const at::Tensor& offsets, int64_t diagonal_shift, bool rbf, bool diagonal, bool col_sums) {
+        return value_errors_to_python([&] {
+          return slm_fast::slab_epilogue_op(stage, norm_i, norm_j, scales, offsets, diagonal_shift, rbf, diagonal,
+                                            col_sums);
+        });
+      },
+      "Kernel values, partial row/column sums and K - offset over a Gram stage", pybind11::arg("stage"),
+      pybind11::arg("norm_i"), pybind11::arg("norm_j"), pybind11::arg("scales"), pybind11::arg("offsets"),
+      pybind11::arg("diagonal_shift"), pybind11::arg("rbf"), pybind11::arg("diagonal"), pybind11::arg("col_sums"));
 }

@@ -33,7 +33,7 @@ if ! "$PYTHON" -c "import slm_fast._cuda" 2>/dev/null && command -v nvcc >/dev/n
     echo "-- building the CUDA extension in place for this GPU (its tests skip when this fails)"
     timeout 300 "$PYTHON" setup.py -q build_ext --inplace || echo "CUDA extension not built"
 fi
-timeout 360 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider || failed+=("pytest -m gpu")
+timeout 420 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider || failed+=("pytest -m gpu")
 
 echo "== 2/4 SmolLM2 prune on CUDA against the CPU"
 if [ ! -f "$SMOLLM2/config.json" ]; then
@@ -75,7 +75,7 @@ echo "== 3/4 dry run (cost model) for the CUDA run above"
 timeout 120 "$PYTHON" -m slm_fast prune "$SMOLLM2" "$OUT_DIR/dry" "${common[@]}" --device cuda --dry-run || failed+=("dry run")
 
 echo "== 4/4 kernel benchmark (quick)"
-timeout 200 "$PYTHON" bench/bench_gpu_kernels.py --quick || failed+=("kernel benchmark")
+timeout 240 "$PYTHON" bench/bench_gpu_kernels.py --quick || failed+=("kernel benchmark")
 
 rm -rf "$OUT_DIR"
 if [ ${#failed[@]} -gt 0 ]; then

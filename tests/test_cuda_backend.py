@@ -36,6 +36,7 @@ def _uncentred(function):
 VARIANTS = {
     "band": _uncentred(cuda_backend.band_kernel_sums),
     "all_pairs": _uncentred(cuda_backend.all_pairs_kernel_sums),
+    "slabs": _uncentred(cuda_backend.slab_kernel_sums),
     "auto": _uncentred(cuda_backend.kernel_sums),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

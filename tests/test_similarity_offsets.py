@@ -49,35 +49,48 @@ def residual_stream(offset: float, dtype: torch.dtype, sequences: int = 4, lengt
 
 
 def _backends() -> list[str]:
+    """tiled, and Triton's two all-pairs paths where Triton runs (three layers, all pairs: Triton
+    takes its all-pairs variant): "triton" the persistent kernel (widths < SLAB_MIN_WIDTH),
+    "triton-slabs" the GEMM slabs with the Triton epilogue (SLAB_MIN_WIDTH lowered to 0)."""
     names = ["tiled"]
     try:
         load_backend("triton", "cpu")
     except Exception:  # Triton or its interpreter missing: only tiled runs here
         return names
-    return [*names, "triton"]
+    return [*names, "triton", "triton-slabs"]
+
+
+def _select(backend: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The backend name for cka_matrix, after forcing Triton's slab path for "triton-slabs"."""
+    if backend == "triton-slabs":
+        from slm_fast.kernels import triton_cka
+
+        monkeypatch.setattr(triton_cka, "SLAB_MIN_WIDTH", 0)
+        return "triton"
+    return backend
 
 
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
 @pytest.mark.parametrize("offset", [0.0, 30.0, 300.0, 1000.0])
-def test_float32_matches_oracle_whatever_the_offset(backend: str, kernel: str, offset: float) -> None:
+def test_float32_matches_oracle_whatever_the_offset(backend: str, kernel: str, offset: float, monkeypatch) -> None:
     layers = residual_stream(offset, torch.float32)
     sigmas = resolve_sigmas(layers) if kernel == "rbf" else None
     want = oracle.cka_matrix([x.double() for x in layers], kernel, sigmas, False)
-    block = 16 if backend == "triton" else 32
-    got = cka_matrix(layers, kernel, sigma=sigmas, backend=backend, block_size=block)
+    block = 16 if backend.startswith("triton") else 32
+    got = cka_matrix(layers, kernel, sigma=sigmas, backend=_select(backend, monkeypatch), block_size=block)
     assert float((got - want).abs().max()) <= FP32_TOLERANCE
     assert 0.05 < float(want[0, 1]) < 0.95  # CKA well inside (0, 1): the test can tell a wrong value
 
 
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
-def test_bfloat16_matches_oracle_on_the_same_rounded_values(backend: str, kernel: str) -> None:
+def test_bfloat16_matches_oracle_on_the_same_rounded_values(backend: str, kernel: str, monkeypatch) -> None:
     layers = residual_stream(1000.0, torch.bfloat16)
     sigmas = resolve_sigmas(layers) if kernel == "rbf" else None
     want = oracle.cka_matrix([x.double() for x in layers], kernel, sigmas, False)
-    block = 16 if backend == "triton" else 32
-    got = cka_matrix(layers, kernel, sigma=sigmas, backend=backend, block_size=block)
+    block = 16 if backend.startswith("triton") else 32
+    got = cka_matrix(layers, kernel, sigma=sigmas, backend=_select(backend, monkeypatch), block_size=block)
     assert float((got - want).abs().max()) <= BF16_TOLERANCE
 
 

@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "../cka_slab_math.h"
 #include "../cka_tile_math.h"
 
 using namespace slm_fast;
@@ -201,12 +202,96 @@ void check_planning() {
   expect(row_tiles_per_chunk(1000, 10) == 1 && row_tiles_per_chunk(10, 1000) == 100, "row chunk sizes");
 }
 
+// The slab epilogue (csrc/cka_slabs.cu) emulated on the host as the kernel runs it: blocks of
+// kEpilogueThreads columns x kEpilogueRows rows per layer, each thread one column, row sums reduced
+// per warp of 32 columns; a stage [L, n_i, n_j] of Gram entries of random rows at a diagonal shift.
+// Checks the values written back (K - offset), the partial layouts and their totals against direct
+// exp(-gamma |x - y|^2) over the full slab.
+void check_slab_epilogue(int n_layers, int n_i, int n_j, int d, int64_t shift, bool diagonal, bool col_sums,
+                         std::mt19937& rng) {
+  const std::string where = "slab epilogue " + std::to_string(n_i) + "x" + std::to_string(n_j) +
+                            (diagonal ? " diagonal" : "") + " shift " + std::to_string(shift);
+  const int64_t warp_cols = slab_warp_columns(n_j), row_blocks = slab_row_blocks(n_i);
+  for (int a = 0; a < n_layers; ++a) {
+    // Column c holds token c - shift of the row side when diagonal: build the columns from the rows.
+    Matrix x = random_matrix(n_i, d, rng);
+    Matrix y = random_matrix(n_j, d, rng);
+    if (diagonal) {
+      for (int c = 0; c < n_j; ++c) {
+        if (c - shift >= 0 && c - shift < n_i) y[c] = x[c - shift];
+      }
+    }
+    const float gamma = 0.5f / float(d), scale = float(gamma / std::log(2.0)), offset = 0.25f;
+    std::vector<float> stage(size_t(n_i) * n_j), norm_i(n_i), norm_j(n_j);
+    for (int r = 0; r < n_i; ++r) norm_i[r] = float(dot(x[r], x[r]));
+    for (int c = 0; c < n_j; ++c) norm_j[c] = float(dot(y[c], y[c]));
+    for (int r = 0; r < n_i; ++r)
+      for (int c = 0; c < n_j; ++c) stage[size_t(r) * n_j + c] = float(dot(x[r], y[c]));
+    std::vector<float> row_part(size_t(warp_cols) * n_i, -1.0f), col_part(size_t(row_blocks) * n_j, -1.0f);
+    for (int64_t bx = 0; bx < slab_column_blocks(n_j); ++bx) {
+      for (int64_t by = 0; by < row_blocks; ++by) {
+        const int64_t row0 = by * kEpilogueRows, row1 = std::min<int64_t>(row0 + kEpilogueRows, n_i);
+        std::vector<float> col_sum(kEpilogueThreads, 0.0f);
+        for (int64_t row = row0; row < row1; ++row) {
+          std::vector<float> warp_sum(kEpilogueThreads / kWarpColumns, 0.0f);
+          for (int t = 0; t < kEpilogueThreads; ++t) {
+            const int64_t col = bx * kEpilogueThreads + t;
+            float value = 0.0f;
+            if (col < n_j) {
+              float& entry = stage[size_t(row) * n_j + col];
+              value = slab_rbf_value(entry, norm_i[row], norm_j[col], scale, slab_same_token(diagonal, row, col, shift));
+              entry = value - offset;
+            }
+            col_sum[t] += value;
+            warp_sum[t / kWarpColumns] += value;
+          }
+          for (int w = 0; w < kEpilogueThreads / kWarpColumns; ++w)
+            row_part[size_t(bx * (kEpilogueThreads / kWarpColumns) + w) * n_i + row] = warp_sum[w];
+        }
+        for (int t = 0; t < kEpilogueThreads; ++t) {
+          const int64_t col = bx * kEpilogueThreads + t;
+          if (col_sums && col < n_j) col_part[size_t(by) * n_j + col] = col_sum[t];
+        }
+      }
+    }
+    // Direct values and sums; the same token's distance must be exactly 0 (K = 1).
+    std::vector<double> row_want(n_i, 0.0), col_want(n_j, 0.0);
+    for (int r = 0; r < n_i; ++r) {
+      for (int c = 0; c < n_j; ++c) {
+        double dist = 0.0;
+        for (int e = 0; e < d; ++e) dist += double(x[r][e] - y[c][e]) * double(x[r][e] - y[c][e]);
+        const double want = std::exp(-double(gamma) * dist);
+        const double got = double(stage[size_t(r) * n_j + c]) + offset;
+        expect_close(got, want, 1e-4, where + " value");
+        if (diagonal && r + shift == c) expect(got == 1.0, where + ": the same token gives exactly 1");
+        row_want[r] += want;
+        col_want[c] += want;
+      }
+    }
+    for (int r = 0; r < n_i; ++r) {
+      double total = 0.0;
+      for (int64_t w = 0; w < warp_cols; ++w) total += row_part[size_t(w) * n_i + r];
+      expect_close(total, row_want[r], 1e-4, where + " row sum");
+    }
+    if (col_sums) {
+      for (int c = 0; c < n_j; ++c) {
+        double total = 0.0;
+        for (int64_t b = 0; b < row_blocks; ++b) total += col_part[size_t(b) * n_j + c];
+        expect_close(total, col_want[c], 1e-4, where + " column sum");
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
   std::mt19937 rng(1234);
   check_epilogue();
   check_planning();
+  check_slab_epilogue(2, 40, 40, 12, 0, true, false, rng);     // a diagonal block, 2 row blocks
+  check_slab_epilogue(1, 33, 300, 7, -5, false, true, rng);    // off-diagonal chunk over 2 column blocks
+  check_slab_epilogue(1, 16, 20, 5, 4, true, true, rng);       // the shifted-diagonal mapping
   for (bool rbf : {false, true}) {
     check_problem(150, 70, 24, false, rbf, 2, rng);   // ragged on both sides, two row chunks
     check_problem(150, 150, 24, true, rbf, 1, rng);   // symmetric, one row tile per chunk

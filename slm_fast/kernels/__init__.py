@@ -149,13 +149,44 @@ def layer_centers(rows: Sequence[Tensor], cols: Sequence[Tensor] | None = None, 
     return centers
 
 
-def centred_copy(x: Tensor, center: Tensor, dtype: torch.dtype, width: int | None = None, chunk: int = 4096) -> Tensor:
+def centred_copy(
+    x: Tensor,
+    center: Tensor,
+    dtype: torch.dtype,
+    width: int | None = None,
+    chunk: int = 4096,
+    out: Tensor | None = None,
+) -> Tensor:
     """(x - center) computed in center's precision, then cast to `dtype`, as a new [n, width] tensor
-    (zero columns pad d up to `width`); a chunk of rows at a time, so the float32 temporary stays small."""
+    (zero columns pad d up to `width`), or written into `out` [n, width] of that dtype; a chunk of
+    rows at a time, so the float32 temporary stays small."""
     n, d = x.shape
-    out = torch.zeros(n, width or d, dtype=dtype, device=x.device)
+    if out is None:
+        out = torch.zeros(n, width or d, dtype=dtype, device=x.device)
+    else:
+        out[:, d:] = 0
     for s in range(0, n, chunk):
         out[s : s + chunk, :d] = (x[s : s + chunk].to(center.dtype) - center).to(dtype)
+    return out
+
+
+def centred_stack(layers: Sequence[Tensor], centers: Sequence[Tensor], dtype: torch.dtype, width: int) -> Tensor:
+    """[L, n, width]: layer a's tokens minus centers[a] (see `centred_copy`), zero-padded: one tensor
+    for backends that take all layers in one batched GEMM or one launch (the layers of a model share a
+    width; narrower ones are padded to the widest)."""
+    out = torch.empty(len(layers), layers[0].shape[0], width, dtype=dtype, device=layers[0].device)
+    for a, (x, c) in enumerate(zip(layers, centers, strict=True)):
+        centred_copy(x, c, dtype, out=out[a])
+    return out
+
+
+def stacked_squared_norms(x: Tensor, chunk_bytes: int = 64 << 20) -> Tensor:
+    """|x_i|^2 in fp32 of stacked layers [L, n, D] -> [L, n], upcasting a bounded chunk of rows at a time."""
+    out = torch.empty(x.shape[:2], dtype=torch.float32, device=x.device)
+    step = max(1, chunk_bytes // (4 * max(1, x.shape[2])))
+    for a in range(x.shape[0]):
+        for i in range(0, x.shape[1], step):
+            out[a, i : i + step] = x[a, i : i + step].float().square().sum(1)
     return out
 
 

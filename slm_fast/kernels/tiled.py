@@ -284,7 +284,7 @@ def _token_form(problem: _Problem, tile: int, panel: int) -> KernelSums:
                 if not on_diagonal:
                     col[:, j0:j1] += stage.sum(1)
                 weight = 2.0 if problem.symmetric and not on_diagonal else 1.0
-                gram += weight * _stage_gram(stage[: len(involved)])
+                gram += weight * stage_gram(stage[: len(involved)])
 
     slot_pairs = torch.tensor([[slot_of[a], slot_of[b]] for a, b in problem.pairs.tolist()], dtype=torch.int64)
     frob = gram[slot_pairs[:, 0], slot_pairs[:, 1]] if len(slot_pairs) else gram.new_zeros(0)
@@ -296,7 +296,7 @@ def _token_form(problem: _Problem, tile: int, panel: int) -> KernelSums:
     return _add_offsets(problem, frob, row, col, offsets.double()[slots])
 
 
-def _stage_gram(tiles: Tensor) -> Tensor:
+def stage_gram(tiles: Tensor) -> Tensor:
     """[S, ti, tj] -> [S, S] float64 Gram of the flattened tiles, with each float32 partial dot product
     over at most FROB_SEGMENT elements."""
     slots = tiles.shape[0]

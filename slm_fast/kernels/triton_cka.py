@@ -9,17 +9,22 @@ tile: its B row sums, its B column sums and its Frobenius products. Two ways of 
   computes both layers' tiles and reduces K_a*K_a, K_a*K_b and K_b*K_b without storing a tile. This
   is the sliding search's case (two layers, one pair). A layer's Gram is recomputed in every item
   holding it, so it pays when the cross pairs are few.
-- all pairs (`all_pairs_kernel_sums`): one launch per layer stages its fp32 kernel tiles in a
-  workspace [T, L, B*B] for a batch of T tile pairs, then one small matmul per tile pair gives the
-  L x L Frobenius products of all layers at once.
+- all pairs (`all_pairs_kernel_sums`), by the width (SLAB_MIN_WIDTH):
+  - small d (`persistent_kernel_sums`): one persistent launch (a program per SM) loops over the work
+    items (layer, tile pair) of a batch of T tile pairs, each a fused tile as above, and stages the
+    fp32 kernel tiles in a workspace [T, L, B*B]; one small matmul per tile pair
+    (`_staged_frob_kernel`) then gives the L x L Frobenius products of all layers at once;
+  - large d (`slab_kernel_sums`): the Gram slabs of all layers by cuBLAS batched GEMM (bf16/fp16 in,
+    fp32 out), a Triton epilogue over them and the Frobenius products as one more GEMM
+    (slm_fast/kernels/slabs.py, triton_slabs.py).
 
 Inputs are centred first (the contract's centre subtracted in float32, then cast back to the inputs'
-dtype, widths zero-padded to a multiple of 16), so RBF distances come from centred rows and the
-precision does not depend on the layers' offsets.
+dtype, into one stacked tensor [L, n, D], widths zero-padded to a multiple of 16), so RBF distances
+come from centred rows and the precision does not depend on the layers' offsets.
 
-`kernel_sums` picks the variant that computes fewer Gram tiles. Precision: per-tile partial sums are
-fp32 (one tile holds at most B*B terms) and every sum across tiles is taken in float64 on the host,
-which keeps the results deterministic (no atomics). fp32 inputs use tf32 or ieee dots as torch's
+`kernel_sums` picks the variant that computes fewer Gram tiles (band or all pairs). Precision:
+per-tile partial sums are fp32 (one tile holds at most B*B terms) and every sum across tiles is taken
+in float64 on the host, which keeps the results deterministic (no atomics). fp32 inputs use tf32 or ieee dots as torch's
 `torch.backends.cuda.matmul.fp32_precision` says (ieee by default), like torch.matmul would.
 
 On the CPU the kernels run only in Triton's interpreter (TRITON_INTERPRET=1, set by the tests),
@@ -37,7 +42,8 @@ import torch
 from torch import Tensor
 
 from slm_fast.errors import InputError
-from slm_fast.kernels import KernelSums, centred_copy, check_inputs
+from slm_fast.kernels import KernelSums, centred_stack, check_inputs, slabs, stacked_squared_norms, triton_slabs
+from slm_fast.kernels.tiled import LOG2_E
 
 try:
     import triton
@@ -68,6 +74,15 @@ STAGED_TILES_BYTES = 2 << 30
 BAND_MAX_GEMMS_PER_LAYER = 1.25
 # Row tiles per group of the launch order: programs running together share X tiles in L2.
 L2_GROUP_ROWS = 8
+# All pairs, the width (after padding) from which the Gram tiles come from vendor GEMMs with a Triton
+# epilogue (triton_slabs.py) instead of the fused persistent kernel. The slab path moves each fp32
+# kernel entry through memory about four times (GEMM out, epilogue in and out, Frobenius GEMM in),
+# 16 bytes per 2 d Gram flops: at d >= 2048 that is >= 256 flops a byte, about an H100's bf16 ridge
+# point, so the GEMM's rate decides; below it the fused kernel, which keeps the tile in registers,
+# should win. A first estimate from that arithmetic: re-tune it on a GPU (bench_gpu_kernels.py).
+SLAB_MIN_WIDTH = 2048
+# Programs of a persistent launch in the interpreter (on a GPU: one per SM).
+INTERPRETER_PROGRAMS = 3
 
 
 def _interpreting() -> bool:
@@ -116,7 +131,7 @@ if triton is not None:
         stride_x,
         stride_y,
         d,
-        gamma,
+        scale,
         offs_m,
         offs_n,
         mask_m,
@@ -130,8 +145,9 @@ if triton is not None:
     ):
         """The kernel tile K[i, j] = k(x_i, y_j) in fp32, zero outside the valid rows and columns.
 
-        RBF uses |x - y|^2 = |x|^2 + |y|^2 - 2 x.y clamped at 0; with SYMMETRIC the diagonal
-        (same token on both sides) is exactly 0 instead of a rounding residue."""
+        RBF is exp2(-scale |x - y|^2) with scale = log2(e) gamma, and |x - y|^2 = |x|^2 + |y|^2 - 2 x.y
+        clamped at 0; with SYMMETRIC the diagonal (same token on both sides) is exactly 0 instead of a
+        rounding residue."""
         gram = _gram_tile(
             x_ptr,
             y_ptr,
@@ -153,7 +169,7 @@ if triton is not None:
             dist = tl.maximum(norm_x[:, None] + norm_y[None, :] - 2.0 * gram, 0.0)
             if SYMMETRIC:
                 dist = tl.where(offs_m[:, None] == offs_n[None, :], 0.0, dist)
-            values = tl.exp(-gamma * dist)
+            values = tl.math.exp2(-scale * dist)
         else:
             values = gram
         return tl.where(mask_m[:, None] & mask_n[None, :], values, 0.0)
@@ -186,7 +202,7 @@ if triton is not None:
         stride_xa,
         stride_ya,
         d_a,
-        gamma_a,
+        scale_a,
         xb_ptr,
         yb_ptr,
         norm_xb_ptr,
@@ -194,7 +210,7 @@ if triton is not None:
         stride_xb,
         stride_yb,
         d_b,
-        gamma_b,
+        scale_b,
         row_part_a_ptr,
         col_part_a_ptr,
         row_part_b_ptr,
@@ -204,15 +220,12 @@ if triton is not None:
         frob_ptr,
         stride_frob_q,
         stride_frob_i,
-        staged_ptr,
-        stride_staged_t,
         RBF: tl.constexpr,
         SYMMETRIC: tl.constexpr,
         TWO_LAYERS: tl.constexpr,
         SUMS_A: tl.constexpr,
         SUMS_B: tl.constexpr,
         FROB: tl.constexpr,
-        STAGE: tl.constexpr,
         BLOCK: tl.constexpr,
         BLOCK_K: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
@@ -220,7 +233,7 @@ if triton is not None:
     ):
         """One tile pair (I, J) of layer a (and b when TWO_LAYERS): partial row/column sums of the
         kernel tiles at part[I - first_tile_i, J], their Frobenius products (aa, ab, bb) at
-        frob[q, I - first_tile_i, J] when FROB, the tile of a itself at staged[pid] when STAGE.
+        frob[q, I - first_tile_i, J] when FROB.
         In the symmetric case off-diagonal tiles stand for their mirror too: the products count
         twice and the column sums are the mirror's row sums (diagonal tiles write none)."""
         pid = tl.program_id(0)
@@ -243,7 +256,7 @@ if triton is not None:
             stride_xa,
             stride_ya,
             d_a,
-            gamma_a,
+            scale_a,
             offs_m,
             offs_n,
             mask_m,
@@ -257,10 +270,6 @@ if triton is not None:
         )
         if SUMS_A:
             _store_tile_sums(k_a, row_part_a_ptr, col_part_a_ptr, part_offset, tile_i, tile_j, SYMMETRIC, BLOCK)
-        if STAGE:
-            offs = tl.arange(0, BLOCK)
-            tile_ptrs = staged_ptr + pid.to(tl.int64) * stride_staged_t + offs[:, None] * BLOCK + offs[None, :]
-            tl.store(tile_ptrs, k_a)
         if FROB:
             tl.store(frob_ptr + frob_offset, weight * tl.sum(k_a * k_a))
         if TWO_LAYERS:
@@ -272,7 +281,7 @@ if triton is not None:
                 stride_xb,
                 stride_yb,
                 d_b,
-                gamma_b,
+                scale_b,
                 offs_m,
                 offs_n,
                 mask_m,
@@ -321,6 +330,83 @@ if triton is not None:
         out = out_ptr + t.to(tl.int64) * n_layers * n_layers
         tl.store(out + layers_a[:, None] * n_layers + layers_b[None, :], acc, mask=mask_a[:, None] & mask_b[None, :])
 
+    @triton.jit
+    def _persistent_kernel(
+        tile_i_ptr,
+        tile_j_ptr,
+        n_pairs,
+        n_layers,
+        first_tile_i,
+        n_rows,
+        n_cols,
+        x_ptr,
+        y_ptr,
+        norm_x_ptr,
+        norm_y_ptr,
+        scale_ptr,
+        stride_x_layer,
+        stride_y_layer,
+        stride_x,
+        stride_y,
+        d,
+        stride_norm_x,
+        stride_norm_y,
+        row_part_ptr,
+        col_part_ptr,
+        stride_part_layer,
+        stride_part_i,
+        stride_part_j,
+        staged_ptr,
+        RBF: tl.constexpr,
+        SYMMETRIC: tl.constexpr,
+        BLOCK: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        """All layers of a batch of tile pairs in one launch of a fixed number of programs: program p
+        takes the work items p, p + P, p + 2P, ... of the n_layers x n_pairs items, layer-major (items
+        running together share a layer's X tiles in L2). Each item is one fused tile: the Gram tile
+        over d (tl.dot, fp32 accumulation), the kernel values, its partial row and column sums at
+        part[a, I - first_tile_i, J], and the kernel tile staged at staged[t, a] for the L x L
+        Frobenius products (_staged_frob_kernel). x, y: stacked layers [L, n, d]; norms [L, n]."""
+        offs = tl.arange(0, BLOCK)
+        for item in range(tl.program_id(0), n_pairs * n_layers, tl.num_programs(0)):
+            a = item // n_pairs
+            t = item - a * n_pairs
+            tile_i = tl.load(tile_i_ptr + t)
+            tile_j = tl.load(tile_j_ptr + t)
+            offs_m = tile_i * BLOCK + offs
+            offs_n = tile_j * BLOCK + offs
+            mask_m = offs_m < n_rows
+            mask_n = offs_n < n_cols
+            layer = a.to(tl.int64)
+            values = _kernel_tile(
+                x_ptr + layer * stride_x_layer,
+                y_ptr + layer * stride_y_layer,
+                norm_x_ptr + layer * stride_norm_x,
+                norm_y_ptr + layer * stride_norm_y,
+                stride_x,
+                stride_y,
+                d,
+                tl.load(scale_ptr + a),
+                offs_m,
+                offs_n,
+                mask_m,
+                mask_n,
+                RBF,
+                SYMMETRIC,
+                BLOCK,
+                BLOCK_K,
+                INPUT_PRECISION,
+                UPCAST,
+            )
+            part_offset = layer * stride_part_layer
+            part_offset += (tile_i - first_tile_i).to(tl.int64) * stride_part_i + tile_j.to(tl.int64) * stride_part_j
+            _store_tile_sums(values, row_part_ptr, col_part_ptr, part_offset, tile_i, tile_j, SYMMETRIC, BLOCK)
+            tile = staged_ptr + (t.to(tl.int64) * n_layers + a) * BLOCK * BLOCK
+            tl.store(tile + offs[:, None] * BLOCK + offs[None, :], values)
+
     # Autotuned configurations, one list per register footprint; every one compiles without register
     # spills for sm_80 and sm_90 (tests/test_triton_cka.py compiles them all ahead of time).
     # One kernel tile of BLOCK_GPU x BLOCK_GPU (all-pairs launches, band items of one layer):
@@ -343,7 +429,7 @@ if triton is not None:
         triton.Config({"BLOCK_K": 16}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_K": 16}, num_warps=8, num_stages=3),
     ]
-    _TUNING_KEY = ["d_a", "d_b", "BLOCK", "RBF", "STAGE", "TWO_LAYERS"]
+    _TUNING_KEY = ["d_a", "d_b", "BLOCK", "RBF", "TWO_LAYERS"]
     _AUTOTUNED = {
         (two_layers, fp32): triton.autotune(configs=configs, key=_TUNING_KEY)(_tile_pairs_kernel)
         for two_layers, fp32, configs in [
@@ -352,6 +438,10 @@ if triton is not None:
             (False, True, FP32_CONFIGS),
             (True, True, FP32_CONFIGS),
         ]
+    }
+    _PERSISTENT_AUTOTUNED = {
+        fp32: triton.autotune(configs=configs, key=["d", "BLOCK", "RBF"])(_persistent_kernel)
+        for fp32, configs in [(False, ONE_LAYER_CONFIGS), (True, FP32_CONFIGS)]
     }
 
 
@@ -378,33 +468,38 @@ def unavailable_reason(device: torch.device | str) -> str | None:
 
 
 class _Problem(NamedTuple):
-    """Validated inputs: per layer the row and column activations (unit stride along d), their
-    squared row norms (RBF) and gamma; `symmetric` when cols is rows."""
+    """Validated inputs: the centred layers stacked as rows [L, m, D] and cols [L, k, D] (the same
+    tensor when symmetric), their fp32 squared row norms [L, m] / [L, k] (RBF), and per layer the
+    exponent scale log2(e) gamma_a (0 for the linear kernel)."""
 
-    rows: list[Tensor]
-    cols: list[Tensor]
-    row_norms: list[Tensor | None]
-    col_norms: list[Tensor | None]
-    gammas: list[float]
+    rows: Tensor
+    cols: Tensor
+    row_norms: Tensor | None
+    col_norms: Tensor | None
+    scales: list[float]
     rbf: bool
     symmetric: bool
     pairs: list[tuple[int, int]]
 
     @property
     def n_layers(self) -> int:
-        return len(self.rows)
+        return self.rows.shape[0]
 
     @property
     def n_rows(self) -> int:
-        return self.rows[0].shape[0]
+        return self.rows.shape[1]
 
     @property
     def n_cols(self) -> int:
-        return self.cols[0].shape[0]
+        return self.cols.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.rows.shape[2]
 
     @property
     def device(self) -> torch.device:
-        return self.rows[0].device
+        return self.rows.device
 
 
 def _prepare(
@@ -416,37 +511,26 @@ def _prepare(
     centers: Sequence[Tensor] | None,
 ) -> _Problem:
     """Check the inputs and centre them: each layer's tokens minus its centre in float32, then cast to
-    the inputs' (promoted) dtype, in a copy whose width is padded with zeros to a multiple of
-    WIDTH_ALIGN, so that every row and stride is 16-element aligned: the divisibility Triton
-    specialises on for vectorised, pipelined loads (the fast path), whatever the layer's width."""
+    the inputs' (promoted) dtype, into one stacked copy [L, n, D] whose width D is the widest layer's
+    padded with zeros to a multiple of WIDTH_ALIGN (zeros add nothing to dots or norms; the layers of
+    one model share a width), so that every row and stride is 16-element aligned: the divisibility
+    Triton specialises on for vectorised, pipelined loads (the fast path), whatever the width."""
     inputs = check_inputs(rows, cols, kernel, gammas, pairs, centers, dtypes=SUPPORTED_DTYPES)
-    rows, cols, symmetric, gammas, pair_list = inputs.rows, inputs.cols, inputs.symmetric, inputs.gammas, inputs.pairs
-    dtype = functools.reduce(torch.promote_types, (t.dtype for t in rows + cols))
-    rows = [centred_copy(x, c, dtype, _padded(x.shape[1])) for x, c in zip(rows, inputs.centers, strict=True)]
-    if not symmetric:
-        cols = [centred_copy(x, c, dtype, _padded(x.shape[1])) for x, c in zip(cols, inputs.centers, strict=True)]
-    else:
-        cols = rows
-
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in inputs.rows + inputs.cols))
+    width = _padded(max(x.shape[1] for x in inputs.rows))
+    stacked_rows = centred_stack(inputs.rows, inputs.centers, dtype, width)
+    stacked_cols = stacked_rows if inputs.symmetric else centred_stack(inputs.cols, inputs.centers, dtype, width)
     rbf = kernel == "rbf"
+    row_norms = col_norms = None
     if rbf:
-        row_norms = [_squared_row_norms(r) for r in rows]
-        col_norms = row_norms if symmetric else [_squared_row_norms(c) for c in cols]
-    else:
-        gammas = [0.0] * len(rows)
-        row_norms = col_norms = [None] * len(rows)
-    return _Problem(rows, cols, row_norms, col_norms, gammas, rbf, symmetric, pair_list)
+        row_norms = stacked_squared_norms(stacked_rows)
+        col_norms = row_norms if inputs.symmetric else stacked_squared_norms(stacked_cols)
+    scales = [LOG2_E * g for g in inputs.gammas] if rbf else [0.0] * len(inputs.rows)
+    return _Problem(stacked_rows, stacked_cols, row_norms, col_norms, scales, rbf, inputs.symmetric, inputs.pairs)
 
 
 def _padded(width: int) -> int:
     return -(-width // WIDTH_ALIGN) * WIDTH_ALIGN
-
-
-def _squared_row_norms(x: Tensor, chunk_bytes: int = 64 << 20) -> Tensor:
-    """|x_i|^2 in fp32, upcasting a bounded chunk of rows at a time."""
-    step = max(1, chunk_bytes // (4 * max(1, x.shape[1])))
-    chunks = [x[i : i + step].float().square().sum(1) for i in range(0, x.shape[0], step)]
-    return torch.cat(chunks) if chunks else x.new_zeros(0, dtype=torch.float32)
 
 
 def _block(block_size: int | None) -> int:
@@ -544,11 +628,11 @@ def _reduce_over_tiles(
 
 
 def _layer_args(problem: _Problem, a: int) -> tuple:
-    """The per-layer kernel arguments: x, y, |x|^2, |y|^2, strides, d, gamma."""
+    """The per-layer kernel arguments: x, y, |x|^2, |y|^2, strides, d, exponent scale."""
     x, y = problem.rows[a], problem.cols[a]
     norm_x = problem.row_norms[a] if problem.rbf else x
     norm_y = problem.col_norms[a] if problem.rbf else y
-    return x, y, norm_x, norm_y, x.stride(0), y.stride(0), x.shape[1], problem.gammas[a]
+    return x, y, norm_x, norm_y, x.stride(0), y.stride(0), x.shape[1], problem.scales[a]
 
 
 def _launch_tile_pairs(
@@ -564,12 +648,10 @@ def _launch_tile_pairs(
     sums_a: bool,
     sums_b: bool = False,
     frob: Tensor | None = None,
-    staged: Tensor | None = None,
 ) -> None:
     """One launch of _tile_pairs_kernel over the given tile pairs for layer a (and b)."""
     rows = partials.rows
     frob_out = rows if frob is None else frob
-    staged_out = rows if staged is None else staged
     _tile_kernel(b is not None, problem.rows[0].dtype)[(tile_i.numel(),)](
         tile_i,
         tile_j,
@@ -587,15 +669,12 @@ def _launch_tile_pairs(
         frob_out,
         frob_out.stride(0),
         frob_out.stride(1),
-        staged_out,
-        staged_out.stride(0),
         RBF=problem.rbf,
         SYMMETRIC=problem.symmetric,
         TWO_LAYERS=b is not None,
         SUMS_A=sums_a,
         SUMS_B=sums_b,
         FROB=frob is not None,
-        STAGE=staged is not None,
         BLOCK=block,
         **_launch_options(problem.rows[0].dtype),
     )
@@ -690,21 +769,69 @@ def _staged_frob_options(n_layers: int) -> dict:
     }
 
 
-def _run_all_pairs(problem: _Problem, block: int) -> KernelSums:
+def _persistent_programs(device: torch.device) -> int:
+    """Programs of a persistent launch: one per SM on a GPU; a few in the interpreter, so that tests
+    cover programs taking several items."""
+    if _interpreting():
+        return INTERPRETER_PROGRAMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _persistent_kernel_fn(dtype: torch.dtype):
+    if _interpreting():
+        return _persistent_kernel
+    return _PERSISTENT_AUTOTUNED[dtype == torch.float32]
+
+
+def _run_persistent(problem: _Problem, block: int) -> KernelSums:
+    """Small d: per batch of tile pairs, one persistent launch computes every layer's fused tiles
+    (GEMM, kernel, partial sums, staged tile), then _staged_frob_kernel the L x L products per tile."""
     n_layers, device = problem.n_layers, problem.device
     tile_elems = block * block
     batch = max(1, STAGED_TILES_BYTES // (n_layers * tile_elems * 4))
     frob_options = _staged_frob_options(n_layers)
+    programs = _persistent_programs(device)
+    scales = torch.tensor(problem.scales, dtype=torch.float32, device=device)
+    # (the linear kernel reads no norms: any fp32 tensor serves as the pointer)
+    norm_x = problem.row_norms if problem.rbf else scales[None]
+    norm_y = problem.col_norms if problem.rbf else scales[None]
 
     def launch_chunk(first: int, tile_i: Tensor, tile_j: Tensor, partials: _Partials) -> Tensor:
         products = torch.zeros(n_layers, n_layers, dtype=torch.float64, device=device)
         for start in range(0, tile_i.numel(), batch):
             batch_i, batch_j = tile_i[start : start + batch], tile_j[start : start + batch]
             staged = torch.empty(batch_i.numel(), n_layers, tile_elems, device=device)
-            for a in range(n_layers):
-                _launch_tile_pairs(
-                    problem, block, first, batch_i, batch_j, partials, a, sums_a=True, staged=staged[:, a]
-                )
+            _persistent_kernel_fn(problem.rows.dtype)[(programs,)](
+                batch_i,
+                batch_j,
+                batch_i.numel(),
+                n_layers,
+                first,
+                problem.n_rows,
+                problem.n_cols,
+                problem.rows,
+                problem.cols,
+                norm_x,
+                norm_y,
+                scales,
+                problem.rows.stride(0),
+                problem.cols.stride(0),
+                problem.rows.stride(1),
+                problem.cols.stride(1),
+                problem.width,
+                norm_x.stride(0) if problem.rbf else 0,
+                norm_y.stride(0) if problem.rbf else 0,
+                partials.rows,
+                partials.cols,
+                partials.rows.stride(0),
+                partials.rows.stride(1),
+                partials.rows.stride(2),
+                staged,
+                RBF=problem.rbf,
+                SYMMETRIC=problem.symmetric,
+                BLOCK=block,
+                **_launch_options(problem.rows.dtype),
+            )
             tile_products = torch.empty(batch_i.numel(), n_layers, n_layers, device=device)
             n_layer_blocks = _cdiv(n_layers, frob_options["BLOCK_L"])
             _staged_frob_kernel[(batch_i.numel(), n_layer_blocks, n_layer_blocks)](
@@ -723,6 +850,32 @@ def _run_all_pairs(problem: _Problem, block: int) -> KernelSums:
     products, row_sums, col_sums = _reduce_over_tiles(problem, block, 0, launch_chunk)
     frob = [products[a, b] for a, b in problem.pairs]
     return KernelSums(_stack(frob, device), row_sums, col_sums)
+
+
+def _run_slabs(problem: _Problem, block: int) -> KernelSums:
+    """Large d: vendor GEMMs for the Gram slabs and a Triton epilogue (slabs.py, triton_slabs.py);
+    `block` is not used (slabs.slab_size chooses the slab)."""
+    del block
+    interpreting = _interpreting()
+    return slabs.all_pairs_slabs(
+        problem.rows,
+        problem.cols,
+        problem.row_norms,
+        problem.col_norms,
+        problem.scales if problem.rbf else None,
+        problem.pairs,
+        problem.symmetric,
+        slab=slabs.slab_size(problem.n_layers, problem.n_rows, problem.symmetric, interpreting),
+        gram_into=triton_slabs.gram_into,
+        epilogue=functools.partial(triton_slabs.epilogue, interpreting=interpreting),
+    )
+
+
+def _run_all_pairs(problem: _Problem, block: int) -> KernelSums:
+    """The all-pairs variant for the width: slabs from SLAB_MIN_WIDTH on, else the persistent kernel."""
+    if problem.width >= SLAB_MIN_WIDTH:
+        return _run_slabs(problem, block)
+    return _run_persistent(problem, block)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -801,5 +954,35 @@ def all_pairs_kernel_sums(
     centers: Sequence[Tensor] | None = None,
     block_size: int | None = None,
 ) -> KernelSums:
-    """kernel_sums by the all-pairs variant: staged tiles, one L x L matmul per tile pair."""
+    """kernel_sums by the all-pairs variant for the width: the persistent kernel below SLAB_MIN_WIDTH,
+    vendor GEMM slabs with a Triton epilogue from it on."""
     return _run(_run_all_pairs, rows, cols, kernel, gammas, pairs, centers, block_size)
+
+
+def persistent_kernel_sums(
+    rows: Sequence[Tensor],
+    cols: Sequence[Tensor] | None,
+    *,
+    kernel: str,
+    gammas: Sequence[float] | None,
+    pairs: Tensor,
+    centers: Sequence[Tensor] | None = None,
+    block_size: int | None = None,
+) -> KernelSums:
+    """kernel_sums by the all-pairs persistent kernel (the choice below SLAB_MIN_WIDTH)."""
+    return _run(_run_persistent, rows, cols, kernel, gammas, pairs, centers, block_size)
+
+
+def slab_kernel_sums(
+    rows: Sequence[Tensor],
+    cols: Sequence[Tensor] | None,
+    *,
+    kernel: str,
+    gammas: Sequence[float] | None,
+    pairs: Tensor,
+    centers: Sequence[Tensor] | None = None,
+    block_size: int | None = None,
+) -> KernelSums:
+    """kernel_sums by vendor GEMM slabs and the Triton epilogue (the choice from SLAB_MIN_WIDTH on);
+    block_size is checked but the slab size is triton_slabs' choice."""
+    return _run(_run_slabs, rows, cols, kernel, gammas, pairs, centers, block_size)
