@@ -143,7 +143,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out-dtype", choices=list(DTYPES), default=None, help="output dtype (default: source's)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, distributed=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -177,8 +177,12 @@ def run(args: argparse.Namespace) -> int:
         explicit=frozenset(given),
         **given,
     )
-    if args.dry_run:
-        print(estimate(args.source, options))
+    main = args.launch.is_main
+    if args.dry_run:  # the cost model of one process: printed by rank 0; the other ranks have nothing to do
+        if main:
+            print(estimate(args.source, options))
         return 0
-    print(prune(args.source, args.output, options).summary())
+    report = prune(args.source, args.output, options)
+    if main:
+        print(report.summary())
     return 0
