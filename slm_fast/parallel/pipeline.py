@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from slm_fast.parallel.launch import communicate
 from slm_fast.runtime.cache import HiddenStateCache, TieredStore
 from slm_fast.runtime.stream import BlockRunner, BlockSpec
 
@@ -105,10 +106,11 @@ class Clock:
         self.stopped = time.perf_counter()
 
     def wait(self, call, *args, **kwargs):
-        """Run a blocking communication call, counting its time as waiting."""
+        """Run a blocking communication call, counting its time as waiting (a lost peer raises
+        DistNetworkError: launch.communicate)."""
         tick = time.perf_counter()
         try:
-            return call(*args, **kwargs)
+            return communicate(call, *args, **kwargs)
         finally:
             self.waiting += time.perf_counter() - tick
 
@@ -168,7 +170,7 @@ class Link:
     def send(self, tensor: Tensor, dst: int) -> None:
         tensor = tensor.contiguous()
         self._pending = [(work, t) for work, t in self._pending if not work.is_completed()]
-        self._pending.append((dist.isend(tensor, dst), tensor))
+        self._pending.append((communicate(dist.isend, tensor, dst), tensor))
         self.traffic.states += tensor.numel() * tensor.element_size()
         self.traffic.messages += 1
 

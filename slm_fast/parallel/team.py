@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from slm_fast.errors import InputError, SlmFastError
+from slm_fast.parallel.launch import communicate
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Team:
         """Raise on every rank if any rank hit an error: a rank's own error, else the first failing
         rank's message (as an InputError: the other rank's input was at fault)."""
         messages: list[str | None] = [None] * self.size
-        dist.all_gather_object(messages, None if error is None else str(error))
+        communicate(dist.all_gather_object, messages, None if error is None else str(error))
         if error is not None:
             raise error
         failed = [(rank, text) for rank, text in enumerate(messages) if text is not None]
@@ -67,11 +68,11 @@ class Team:
     def share(self, value: object, src: int = 0) -> object:
         """`value` as rank `src` has it (a small picklable object), on every rank."""
         box = [value if self.rank == src else None]
-        dist.broadcast_object_list(box, src=src)
+        communicate(dist.broadcast_object_list, box, src=src)
         return box[0]
 
     def gather(self, value: object) -> list:
         """Every rank's `value`, in rank order, on every rank."""
         out: list[object] = [None] * self.size
-        dist.all_gather_object(out, value)
+        communicate(dist.all_gather_object, out, value)
         return out
