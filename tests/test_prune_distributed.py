@@ -29,7 +29,10 @@ import prune_worker as worker
 import pytest
 from tiny_models import save_tiny_checkpoint, save_tiny_tokenizer, write_word_corpus
 
+from slm_fast.parallel.pipeline import Slices, search_work
+from slm_fast.parallel.scorer import SweepProgram
 from slm_fast.prune import REPORT_NAME, prune
+from slm_fast.windows import output_blocks
 
 WORKER = Path(__file__).with_name("prune_worker.py")
 NUM_BLOCKS, WIDEST, U = 10, 96, 2.0**-24
@@ -287,3 +290,37 @@ def test_torchrun_prunes_smollm2_as_one_process(smollm2, tmp_path):
     pairs = zip(_candidates(got), _candidates(want), strict=True)
     assert all(a[:2] == b[:2] and abs(a[2] - b[2]) <= bound for a, b in pairs)
     assert len(got["distributed"]["slices"]) == 2
+
+
+def test_slices_balance_the_search_work_within_each_ranks_memory():
+    work = search_work(30)
+    assert Slices.balanced(work, [100, 100]).bounds == ((0, 21), (21, 30))  # 231 vs 234 block runs
+    assert Slices.balanced(work, [8, 100]).bounds == ((0, 8), (8, 30))  # rank 0 holds 8 blocks at most
+    assert Slices.balanced(work, [100, 5]).bounds == ((0, 25), (25, 30))
+    assert Slices.balanced(work, [10, 10]).bounds == ((0, 15), (15, 30))  # too small together: by memory
+    assert Slices.balanced(search_work(4), [9] * 4).bounds == ((0, 1), (1, 2), (2, 3), (3, 4))
+    for ranks in (2, 3, 5, 8):
+        bounds = Slices.balanced(search_work(40), [100] * ranks).bounds
+        assert bounds[0][0] == 0 and bounds[-1][1] == 40
+        assert all(a[1] == b[0] and a[0] < a[1] for a, b in itertools.pairwise(bounds))
+        loads = [sum(search_work(40)[start:stop]) for start, stop in bounds]
+        # each cut lies within half a block's work of its cumulative target: every rank's load is
+        # within one block's work (40 at most) of the even share
+        assert all(abs(load - sum(search_work(40)) / ranks) <= 40 for load in loads)
+    assert Slices.proportional(10, [1, 3]).bounds == ((0, 2), (2, 10))
+
+
+def test_sweep_messages_only_flow_up_the_ranks():
+    """Every state a rank needs comes from itself or a rank below (no rank waits on one above it: no
+    deadlock), and what each rank expects from a sender is exactly what that sender sends it."""
+    slices = Slices(((0, 3), (3, 7), (7, 10)))
+    growths = [output_blocks(w, 10) for w in ([(0, 1)], [(2, 3)], [(2, 5)], [(6, 7)], [(3, 4), (7, 8)], [(1, 8)])]
+    dropped = [output_blocks([], 10, d) for d in ([2], [6, 9], [0, 7], [8])]
+    program = SweepProgram([tuple(p) for p in growths + dropped], slices)
+    for move in program.moves:
+        assert program.home(move.source) <= slices.owner(move.block)
+    for rank in range(3):
+        assert all(dst > rank for _, dst in program.sends(rank))
+        for src, keys in program.incoming(rank, chunks=2).items():
+            names = [name for name, dst in program.sends(src) if dst == rank]
+            assert keys == [(*name, chunk) for chunk in range(2) for name in names]

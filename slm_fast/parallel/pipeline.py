@@ -1,10 +1,10 @@
 """A pipeline over blocks: which rank holds which blocks, and the hidden states sent between them.
 
-Each rank owns a contiguous slice of the source blocks (`Slices`, sized in proportion to the ranks'
-memory for resident blocks, at least one block each): it runs the blocks of its slice and keeps the
-calibration's boundary states that enter them (boundary b is the input of block b; the last rank also
-keeps boundary L, the last block's output). Rank 0 embeds the tokens; the last rank applies the final
-norm and the head.
+Each rank owns a contiguous slice of the source blocks (`Slices`: no more blocks than its memory
+keeps resident, and within that an even share of the search's work, at least one block each): it
+runs the blocks of its slice and keeps the calibration's boundary states that enter them (boundary b
+is the input of block b; the last rank also keeps boundary L, the last block's output). Rank 0 embeds
+the tokens; the last rank applies the final norm and the head.
 
 `Link` carries hidden states between ranks with point-to-point messages. Sends are non-blocking
 (`isend`: the sender goes on with its next chunk while the message travels), and every message of a
@@ -36,6 +36,14 @@ from slm_fast.runtime.cache import HiddenStateCache, TieredStore
 from slm_fast.runtime.stream import BlockRunner, BlockSpec
 
 
+def search_work(num_blocks: int) -> list[float]:
+    """The expected share of a search sweep's block runs at each block: a plan departing from the
+    original model at block b runs every block above b, and the searches' plans depart all over the
+    model (best-first's growths and SLEB's removals at every free block, the sliding scan's windows
+    from the top down), so block k runs about k + 1 plans of a sweep."""
+    return [float(k + 1) for k in range(num_blocks)]
+
+
 @dataclass(frozen=True)
 class Slices:
     """[start, stop) of the source blocks owned by each rank, in rank order, covering 0..L-1."""
@@ -60,6 +68,33 @@ class Slices:
             stop = min(max(target, start + 1), num_blocks - (ranks - 1 - rank))
             bounds.append((start, stop))
             start = stop
+        bounds.append((start, num_blocks))
+        return cls(tuple(bounds))
+
+    @classmethod
+    def balanced(cls, work: list[float], capacities: list[int]) -> Slices:
+        """Contiguous slices with about equal `work` (one weight per block) on every rank, each rank
+        holding at most its capacity in blocks (what its memory keeps resident) and at least one. When
+        the ranks cannot hold the model together, the slices follow the capacities alone."""
+        num_blocks, ranks = len(work), len(capacities)
+        capacities = [max(1, c) for c in capacities]
+        if sum(capacities) < num_blocks:
+            return cls.proportional(num_blocks, capacities)
+        total = sum(work)
+        bounds, start, done = [], 0, 0.0
+        for rank in range(ranks - 1):
+            target, stop = total * (rank + 1) / ranks, start + 1
+            done += work[start]
+            while stop < num_blocks and done + work[stop] / 2 <= target:
+                done += work[stop]
+                stop += 1
+            rest = sum(capacities[rank + 1 :])
+            clamped = min(
+                max(stop, start + 1, num_blocks - rest), start + capacities[rank], num_blocks - (ranks - 1 - rank)
+            )
+            done += sum(work[stop:clamped]) - sum(work[clamped:stop])
+            bounds.append((start, clamped))
+            start = clamped
         bounds.append((start, num_blocks))
         return cls(tuple(bounds))
 

@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from slm_fast.budget import default_budget
+from slm_fast.budget import block_param_bytes, default_budget
 from slm_fast.checkpoint.reader import CheckpointReader
 from slm_fast.checkpoint.staging import check_output_location, ensure_free_space
 from slm_fast.errors import InputError, SlmFastError
 from slm_fast.export import output_nbytes
 from slm_fast.journal import RunJournal, reference_digest
 from slm_fast.parallel.boundaries import PipelineBoundaries
-from slm_fast.parallel.pipeline import Clock, Link, Slices, Traffic, calibrate_slice
+from slm_fast.parallel.pipeline import Clock, Link, Slices, Traffic, calibrate_slice, search_work
 from slm_fast.parallel.scorer import PipelineScorer
 from slm_fast.parallel.team import Team
 from slm_fast.prune import (
@@ -223,7 +223,10 @@ def _distributed_options(options: PruneOptions, team: Team) -> PruneOptions:
 def _pipeline_runtime(reader, options, n_samples, team: Team, spill_dir):
     """The one-process runtime sized by this rank's budget (the default budget shared by the ranks of
     one host on the CPU, where they share its RAM), with the micro-batch agreed by every rank (the
-    chunks of the states sent must match) and the slices in proportion to the ranks' block memory."""
+    chunks of the states sent must match) and the slices: each rank at most the blocks its memory keeps
+    resident, and within that about equal search work (Slices.balanced, pipeline.search_work). When
+    the ranks cannot hold the model together the slices follow their memory, and the blocks that do
+    not fit are read again from the checkpoint in every sweep, as on one process."""
     budget, source = options.memory_budget, None
     if budget is None and torch.device(options.device).type == "cpu":
         budget, source = default_budget(torch.device("cpu"))
@@ -237,5 +240,6 @@ def _pipeline_runtime(reader, options, n_samples, team: Team, spill_dir):
     micro_batch = options.micro_batch or min(m for m, _ in everyone)
     layout = dataclasses.replace(layout, micro_batch=micro_batch)
     runner.micro_batch = micro_batch
-    slices = Slices.proportional(reader.num_blocks, [blocks for _, blocks in everyone])
+    block = max(block_param_bytes(reader, i, runner.dtype) for i in range(reader.num_blocks))
+    slices = Slices.balanced(search_work(reader.num_blocks), [room // block for _, room in everyone])
     return runner, cache, plan_states, layout, slices
