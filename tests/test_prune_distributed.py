@@ -181,7 +181,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(world: int, args: list[str]) -> list[subprocess.Popen]:
+def _launch(world: int, args: list[str], timeout_s: int = 60) -> list[subprocess.Popen]:
     """`python -m slm_fast ARGS` on `world` ranks with the environment torchrun gives its workers."""
     port = _free_port()
     return [
@@ -194,7 +194,7 @@ def _launch(world: int, args: list[str]) -> list[subprocess.Popen]:
                 LOCAL_WORLD_SIZE=str(world),
                 MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(port),
-                SLM_FAST_DIST_TIMEOUT_S="60",
+                SLM_FAST_DIST_TIMEOUT_S=str(timeout_s),
             ),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -241,6 +241,30 @@ def test_a_killed_rank_fails_the_others_and_resume_completes(source, tmp_path):
     assert _close(report["similarity"], alone.similarity)
     summary = [line for line in logs[0].splitlines() if line.startswith("slm: pruned")]
     assert len(summary) == 1 and not any("slm: pruned" in log for log in logs[1:])
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_is_given_up_after_the_timeout(source, tmp_path):
+    """A peer that stops without closing its connections (SIGSTOP) is waited for until
+    SLM_FAST_DIST_TIMEOUT_S (10 s here); then rank 0 fails with the lost-peer message, and leaving the
+    process group does not hang on the frozen peer."""
+    args = ["prune", str(source), str(tmp_path / "out"), "--remove", "5", "--calib", str(source.parent / "calib.txt")]
+    args += ["--samples", "8", "--seq-len", "64", "--micro-batch", "2", "--no-progress"]
+    scores = tmp_path / ".out.work" / "scores.jsonl"
+    procs = _launch(2, args, timeout_s=10)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (scores.exists() and scores.read_text().count("\n") >= 1):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the search never started"
+            time.sleep(0.01)
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        log = procs[0].communicate(timeout=120)[0]
+        assert 10 <= time.monotonic() - frozen < 60
+        assert procs[0].returncode == 2 and "rank 0 of 2 lost contact" in log and "Timed out" in log, log
+    finally:
+        procs[1].kill()
+        _finish(procs)
 
 
 def _torchrun_prune(args: list[str]) -> subprocess.CompletedProcess:

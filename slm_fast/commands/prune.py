@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Calibrate the model block by block, scan windows of consecutive blocks from the top down, "
             "merge every window whose merged model stays similar to the original, and write the pruned "
-            "checkpoint with slm_report.json. Give exactly one target."
+            "checkpoint with slm_report.json. Give exactly one target. Under torchrun (several processes, GPUs or "
+            "hosts) the same command runs as a pipeline over blocks, each rank holding a slice of them."
         ),
     )
     parser.add_argument("source", help=MODEL_HELP)

@@ -124,25 +124,11 @@ class PipelineScorer(CandidateScorer):
         super().__init__(*args, **kwargs)
         self.slices, self.rank, self.clock, self.traffic = slices, rank, clock, traffic
 
-    def score(self, committed: Committed, windows: list[Window]) -> list[float]:
-        hi = windows[0][1]
-        if any(w[1] != hi for w in windows):
-            raise ValueError(f"speculative windows must share their top block: {windows}")
-        lowest = min(lo for lo, _ in windows)
-        if any(w[0] < lowest <= w[1] or w[1] < lowest for w in committed):
-            raise ValueError(f"committed windows {committed} reach below candidate windows {windows}")
-        above = self._above(committed, hi)
-        todo = [w for w in dict.fromkeys(windows) if (above, w) not in self.scores]
-        if todo:
-            plans = [tuple(output_blocks([window, *above], self.runner.num_blocks)) for window in todo]
-            for window, score in zip(todo, self._pipeline_sweep(plans), strict=True):
-                self.scores[(above, window)] = score
-                if self.on_scored is not None:
-                    self.on_scored("window", (above, window), score)
-            self.forward_passes += len(todo)
-            if self.on_evaluated is not None:
-                self.on_evaluated(len(todo))
-        return [self.scores[(above, w)] for w in windows]
+    def _score_windows(self, above: Committed, windows: list[Window]) -> list[float]:
+        """The sliding scan's and LaCo's candidates as plans: the windows committed above plus one of
+        `windows`, entering at the window's lowest block (the one-process computation, in chunks)."""
+        plans = [tuple(output_blocks([window, *above], self.runner.num_blocks)) for window in windows]
+        return self._pipeline_sweep(plans)
 
     def _sweep(self, todo: list[tuple[Window, ...]]) -> None:
         for key, score in zip(todo, self._pipeline_sweep(todo), strict=True):
