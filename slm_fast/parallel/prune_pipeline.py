@@ -49,6 +49,11 @@ from slm_fast.prune import (
     write_output,
 )
 
+# Default chunks per rank: with C chunks in flight on W ranks a sweep keeps the ranks busy about
+# C / (C + W - 1) of the time, 2W chunks about 2/3 or more (a memory-sized micro-batch is often all
+# the samples: one chunk, and the ranks would take turns).
+CHUNKS_PER_RANK = 2
+
 
 def prune_pipeline(source: str | Path, output: str | Path, options: PruneOptions, team: Team) -> PruneReport:
     started = time.perf_counter()
@@ -223,7 +228,8 @@ def _distributed_options(options: PruneOptions, team: Team) -> PruneOptions:
 def _pipeline_runtime(reader, options, n_samples, team: Team, spill_dir):
     """The one-process runtime sized by this rank's budget (the default budget shared by the ranks of
     one host on the CPU, where they share its RAM), with the micro-batch agreed by every rank (the
-    chunks of the states sent must match) and the slices: each rank at most the blocks its memory keeps
+    chunks of the states sent must match; without --micro-batch, small enough for CHUNKS_PER_RANK
+    chunks per rank in flight) and the slices: each rank at most the blocks its memory keeps
     resident, and within that about equal search work (Slices.balanced, pipeline.search_work). When
     the ranks cannot hold the model together the slices follow their memory, and the blocks that do
     not fit are read again from the checkpoint in every sweep, as on one process."""
@@ -237,7 +243,9 @@ def _pipeline_runtime(reader, options, n_samples, team: Team, spill_dir):
     if source is not None:
         layout = dataclasses.replace(layout, budget_source=source)
     everyone = team.gather((layout.micro_batch, layout.block_bytes))
-    micro_batch = options.micro_batch or min(m for m, _ in everyone)
+    micro_batch = options.micro_batch or min(
+        min(m for m, _ in everyone), -(-n_samples // (CHUNKS_PER_RANK * team.size))
+    )
     layout = dataclasses.replace(layout, micro_batch=micro_batch)
     runner.micro_batch = micro_batch
     block = max(block_param_bytes(reader, i, runner.dtype) for i in range(reader.num_blocks))
