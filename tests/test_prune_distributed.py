@@ -165,6 +165,15 @@ def test_the_report_records_the_pipeline(ranks):
         assert stats["blocks_loaded"] >= len(range(*slices[rank]))
 
 
+def test_ranks_whose_slice_does_not_fit_run_block_by_block(ranks, single):
+    _, out, _ = ranks
+    pipeline = json.loads((out / "streamed" / REPORT_NAME).read_text())["distributed"]
+    assert pipeline["chunk_major"] == [False] * len(pipeline["ranks"])
+    loads = sum(r["blocks_loaded"] for r in pipeline["ranks"])
+    # about the one-process run's block loads (each block once per sweep), not once per chunk
+    assert loads <= single["streamed"]["blocks_loaded"] + 2 * len(pipeline["ranks"])
+
+
 def test_bad_input_fails_every_rank_before_work(ranks):
     _, out, results = ranks
     for result in results:
@@ -352,6 +361,9 @@ def test_sweep_messages_only_flow_up_the_ranks():
         assert program.home(move.source) <= slices.owner(move.block)
     for rank in range(3):
         assert all(dst > rank for _, dst in program.sends(rank))
-        for src, keys in program.incoming(rank, chunks=2).items():
+        for src, keys in program.incoming(rank, 2, [True, False, True]).items():
             names = [name for name, dst in program.sends(src) if dst == rank]
-            assert keys == [(*name, chunk) for chunk in range(2) for name in names]
+            if src == 1:  # block by block: each message over every chunk
+                assert keys == [(*name, chunk) for name in names for chunk in range(2)]
+            else:
+                assert keys == [(*name, chunk) for chunk in range(2) for name in names]

@@ -246,40 +246,41 @@ def calibrate_slice(
     rank: int,
     link: Link,
     *,
+    chunk_major: bool = True,
     keep_output: bool = False,
     progress: bool = True,
 ) -> Tensor | None:
-    """The pipelined calibration pass: chunk by chunk, this rank takes the state entering its slice
-    (embeds the tokens on rank 0, receives it from the rank below otherwise), runs its blocks, keeps
-    every boundary state entering them, and sends the state leaving the slice to the next rank (without
-    waiting: the next rank works on chunk c while this one runs chunk c + 1). The last rank keeps
-    boundary L and returns the final-norm outputs (the reference); the others return None.
-    `keep_output`: also keep the state leaving the slice (the baselines that compare a block's input
-    and output read it)."""
+    """The pipelined calibration pass: this rank takes the state entering its slice (embeds the tokens
+    on rank 0, receives it from the rank below otherwise), runs its blocks, keeps every boundary state
+    entering them, and sends the state leaving the slice to the next rank without waiting. With
+    `chunk_major` (the slice's blocks stay resident) it runs chunk by chunk, so the next rank works on
+    chunk c while this one runs chunk c + 1; otherwise block by block over all chunks, each block read
+    once (the next rank then waits for the slice's end). The last rank keeps boundary L and returns the
+    final-norm outputs (the reference); the others return None. `keep_output`: also keep the state
+    leaving the slice (the baselines that compare a block's input and output read it)."""
     cache.set_chunks(input_ids.shape[0], runner.micro_batch)
     start, stop = slices.bounds[rank]
     last = rank == slices.last
-    chunks = range(len(cache.chunks))
+    chunks, blocks = range(len(cache.chunks)), range(start, stop)
     if rank > 0:
         link.expect(rank - 1, [("boundary", start, chunk) for chunk in chunks])
-    runner.plan([BlockSpec.original(b) for _ in chunks for b in range(start, stop)])
+    order = [(c, b) for c in chunks for b in blocks] if chunk_major else [(c, b) for b in blocks for c in chunks]
+    runner.plan([BlockSpec.original(block) for _, block in order])
     seq_len, hidden_size = input_ids.shape[1], hidden_width(runner)
-    bar = tqdm(total=len(chunks) * (stop - start), desc="calibrating", unit="block", disable=not progress)
-    for chunk, (row_start, row_stop) in enumerate(cache.chunks):
-        if rank == 0:
+    bar = tqdm(total=len(order), desc="calibrating", unit="block", disable=not progress)
+    for chunk, block in order:
+        if block == start and rank == 0:
+            row_start, row_stop = cache.chunks[chunk]
             cache.put_chunk(start, chunk, runner.embed(input_ids[row_start:row_stop]))
-        else:
-            link.receive(
-                ("boundary", start, chunk), chunk_shape(cache, chunk, seq_len, hidden_size), runner.dtype, runner.device
-            )
-        hidden = cache.get_chunk(start, chunk)
-        for block in range(start, stop):
-            hidden = runner.apply(runner.block(block), block, hidden)
-            if block + 1 < stop or last or keep_output:
-                cache.put_chunk(block + 1, chunk, hidden)
-            bar.update()
-        if not last:
+        elif block == start:
+            shape = chunk_shape(cache, chunk, seq_len, hidden_size)
+            link.receive(("boundary", start, chunk), shape, runner.dtype, runner.device)
+        hidden = runner.apply(runner.block(block), block, cache.get_chunk(block, chunk))
+        if block + 1 < stop or last or keep_output:
+            cache.put_chunk(block + 1, chunk, hidden)
+        if block + 1 == stop and not last:
             link.send(hidden, rank + 1)
+        bar.update()
     bar.close()
     link.close()
     if not last:

@@ -86,7 +86,7 @@ def prune_pipeline(source: str | Path, output: str | Path, options: PruneOptions
     tick = time.perf_counter()
     input_ids = team.share(input_ids)
     recorded = team.share(recorded)
-    runner, cache, plan_states, layout, slices = _pipeline_runtime(
+    runner, cache, plan_states, layout, slices, chunk_major = _pipeline_runtime(
         reader, options, input_ids.shape[0], team, journal.states_dir if main else None
     )
     if progress:
@@ -104,6 +104,7 @@ def prune_pipeline(source: str | Path, output: str | Path, options: PruneOptions
             slices,
             team.rank,
             link,
+            chunk_major=chunk_major[team.rank],
             keep_output=options.method == "shortgpt",
             progress=progress,
         )
@@ -133,6 +134,7 @@ def prune_pipeline(source: str | Path, output: str | Path, options: PruneOptions
             rank=team.rank,
             clock=clock,
             traffic=traffic,
+            chunk_major=chunk_major,
         )
         scorer.scores, scorer.plan_scores = recorded
         if options.resume and progress:
@@ -181,6 +183,7 @@ def _finish(team, reader, output, options, journal, input_ids, selection, scorer
             "slices": slices.to_json(),
             "micro_batch": scorer.runner.micro_batch,
             "chunks": len(scorer.cache.chunks),
+            "chunk_major": scorer.chunk_major,
             "ranks": ranks,
         }
         try:
@@ -229,7 +232,8 @@ def _pipeline_runtime(reader, options, n_samples, team: Team, spill_dir):
     """The one-process runtime sized by this rank's budget (the default budget shared by the ranks of
     one host on the CPU, where they share its RAM), with the micro-batch agreed by every rank (the
     chunks of the states sent must match; without --micro-batch, small enough for CHUNKS_PER_RANK
-    chunks per rank in flight) and the slices: each rank at most the blocks its memory keeps
+    chunks per rank in flight), whether each rank runs chunk-major (its slice stays resident) and the
+    slices: each rank at most the blocks its memory keeps
     resident, and within that about equal search work (Slices.balanced, pipeline.search_work). When
     the ranks cannot hold the model together the slices follow their memory, and the blocks that do
     not fit are read again from the checkpoint in every sweep, as on one process."""
@@ -249,5 +253,7 @@ def _pipeline_runtime(reader, options, n_samples, team: Team, spill_dir):
     layout = dataclasses.replace(layout, micro_batch=micro_batch)
     runner.micro_batch = micro_batch
     block = max(block_param_bytes(reader, i, runner.dtype) for i in range(reader.num_blocks))
-    slices = Slices.balanced(search_work(reader.num_blocks), [room // block for _, room in everyone])
-    return runner, cache, plan_states, layout, slices
+    capacities = [room // block for _, room in everyone]
+    slices = Slices.balanced(search_work(reader.num_blocks), capacities)
+    chunk_major = [capacity >= len(slices.blocks(r)) for r, capacity in enumerate(capacities)]
+    return runner, cache, plan_states, layout, slices, chunk_major

@@ -98,13 +98,16 @@ class SweepProgram:
             out += [(("state", move.target), dst) for dst in self.remote_consumers(move.target)]
         return out
 
-    def incoming(self, rank: int, chunks: int) -> dict[int, list[tuple]]:
-        """For each sender, the message keys it sends `rank`, in its order (chunk-major)."""
+    def incoming(self, rank: int, chunks: int, chunk_major: list[bool]) -> dict[int, list[tuple]]:
+        """For each sender, the message keys it sends `rank`, in its order: chunk by chunk where the
+        sender runs chunk-major, else message by message (each over every chunk)."""
         out = {}
         for src in range(rank):
             names = [name for name, dst in self.sends(src) if dst == rank]
-            if names:
+            if names and chunk_major[src]:
                 out[src] = [(*name, chunk) for chunk in range(chunks) for name in names]
+            elif names:
+                out[src] = [(*name, chunk) for name in names for chunk in range(chunks)]
         return out
 
     def last_uses(self, rank: int) -> dict[Source, int]:
@@ -120,9 +123,21 @@ class PipelineScorer(CandidateScorer):
     """CandidateScorer whose sweeps run over the pipeline's ranks (see the module docstring). Every
     rank must make the same calls in the same order; `reference` is needed on the last rank only."""
 
-    def __init__(self, *args, slices: Slices, rank: int, clock: Clock, traffic: Traffic, **kwargs):
+    def __init__(
+        self,
+        *args,
+        slices: Slices,
+        rank: int,
+        clock: Clock,
+        traffic: Traffic,
+        chunk_major: list[bool] | None = None,
+        **kwargs,
+    ):
+        """`chunk_major[r]`: rank r runs its part chunk by chunk (its slice's blocks stay resident), or
+        else window by window over all chunks (each block built once per sweep; no chunk overlap)."""
         super().__init__(*args, **kwargs)
         self.slices, self.rank, self.clock, self.traffic = slices, rank, clock, traffic
+        self.chunk_major = chunk_major or [True] * slices.ranks
 
     def _score_windows(self, above: Committed, windows: list[Window]) -> list[float]:
         """The sliding scan's and LaCo's candidates as plans: the windows committed above plus one of
@@ -143,13 +158,19 @@ class PipelineScorer(CandidateScorer):
         chunks = range(len(cache.chunks))
         seq_len, width = self.input_ids.shape[1], hidden_width(runner)
         link = Link(rank, store, self.clock, self.traffic)
-        incoming = program.incoming(rank, len(chunks))
+        incoming = program.incoming(rank, len(chunks), self.chunk_major)
         for src, keys in incoming.items():
             link.expect(src, keys)
         sent_before = self.traffic.states
         mine = program.moves_of(rank)
         last_use = program.last_uses(rank)
-        runner.plan([self.spec(move.window) for _ in chunks for move in mine])
+        entries = [(chunk, entry, dst) for entry, dst in program.entry_sends(rank) for chunk in chunks]
+        if self.chunk_major[rank]:  # (chunk, position in `mine`) in the order this rank runs them
+            order = [(chunk, position) for chunk in chunks for position in range(len(mine))]
+            entries.sort(key=lambda e: e[0])  # each chunk's entries before that chunk's windows
+        else:
+            order = [(chunk, position) for position in range(len(mine)) for chunk in chunks]
+        runner.plan([self.spec(mine[position].window) for _, position in order])
 
         def fetch(source: Source, chunk: int):
             if program.home(source) != rank:
@@ -169,18 +190,23 @@ class PipelineScorer(CandidateScorer):
 
         scores = torch.zeros(len(plans), dtype=torch.float64)
         try:
-            for chunk in chunks:
-                for entry, dst in program.entry_sends(rank):
-                    link.send(cache.get_chunk(entry.boundary, chunk), dst)
-                for position, move in enumerate(mine):
-                    spec = self.spec(move.window)
-                    hidden = runner.apply(runner.block(spec), spec.layer_index, fetch(move.source, chunk))
-                    if move.target in last_use:
-                        store.put(("state", move.target, chunk), hidden)
-                    for dst in program.remote_consumers(move.target):
-                        link.send(hidden, dst)
-                    if last_use[move.source] == position:
-                        release(move.source, chunk)
+            entry_at = 0  # chunk-major: a chunk's entries go out when the rank reaches that chunk
+            for chunk, position in order:
+                while entry_at < len(entries) and (not self.chunk_major[rank] or entries[entry_at][0] <= chunk):
+                    entry_chunk, entry, dst = entries[entry_at]
+                    link.send(cache.get_chunk(entry.boundary, entry_chunk), dst)
+                    entry_at += 1
+                move = mine[position]
+                spec = self.spec(move.window)
+                hidden = runner.apply(runner.block(spec), spec.layer_index, fetch(move.source, chunk))
+                if move.target in last_use:
+                    store.put(("state", move.target, chunk), hidden)
+                for dst in program.remote_consumers(move.target):
+                    link.send(hidden, dst)
+                if last_use[move.source] == position:
+                    release(move.source, chunk)
+            for entry_chunk, entry, dst in entries[entry_at:]:  # a rank with no windows of its own
+                link.send(cache.get_chunk(entry.boundary, entry_chunk), dst)
             if rank == self.slices.last:
                 for index, source in enumerate(program.finals):
                     finals = (runner.final_norm(fetch(source, chunk)) for chunk in chunks)
