@@ -68,6 +68,11 @@ def main() -> None:
             }
         except SlmFastError as exc:
             results[name] = {"error": str(exc)}
+    try:  # the checkpoint is missing on rank 1's "host" only
+        prune(source if rank != 1 else source.parent / "absent", out / "missing_on_rank_1", options(source, remove=2))
+        results["missing_on_rank_1"] = {"error": None}
+    except SlmFastError as exc:
+        results["missing_on_rank_1"] = {"error": str(exc)}
     (out / f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()

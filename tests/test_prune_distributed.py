@@ -182,6 +182,11 @@ def test_bad_input_fails_every_rank_before_work(ranks):
         assert "holds no run to resume" in result["resume_nothing"]["error"]
     assert "(on rank 0)" in results[-1]["resume_nothing"]["error"]
     assert not (out / "resume_nothing").exists()
+    # a failure on rank 1 alone stops rank 0 before it creates the work folder
+    for rank, result in enumerate(results):
+        assert "absent" in result["missing_on_rank_1"]["error"]
+        assert ("(on rank 1)" in result["missing_on_rank_1"]["error"]) == (rank != 1)
+    assert not (out / ".missing_on_rank_1.work").exists() and not (out / "missing_on_rank_1").exists()
 
 
 def _free_port() -> int:

@@ -69,6 +69,8 @@ def prune_pipeline(source: str | Path, output: str | Path, options: PruneOptions
             check_output_location(reader.folder, output, overwrite=options.overwrite)
             out_dtype = None if options.out_dtype is None else getattr(torch, options.out_dtype)
             ensure_free_space(output, output_nbytes(reader, removed, out_dtype))
+    with team.checks():  # the work folder only once every rank accepted its input
+        if team.is_main:
             journal = RunJournal(
                 work_folder(reader.folder, output, options),
                 _fingerprint(options),
