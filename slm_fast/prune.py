@@ -297,8 +297,14 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
 
 
 def write_output(
-    reader, output: Path, options: PruneOptions, selection: Selection, report: dict, timings, compensation
-):
+    reader: CheckpointReader,
+    output: Path,
+    options: PruneOptions,
+    selection: Selection,
+    report: dict,
+    timings: dict[str, float],
+    compensation=None,
+) -> PruneReport:
     """Write the pruned checkpoint with `report` as slm_report.json (atomically: a temporary folder
     renamed), then add the write's own figures to the report; the run's PruneReport (seconds 0)."""
     out_dtype = None if options.out_dtype is None else getattr(torch, options.out_dtype)
