@@ -30,6 +30,11 @@ from slm_fast.errors import InputError
 RUN_FILE, IDS_FILE, SCORES_FILE, PROGRESS_FILE = "run.json", "calibration.safetensors", "scores.jsonl", "progress.json"
 
 
+def reference_digest(reference: Tensor) -> str:
+    """SHA-256 of the reference outputs' bytes."""
+    return hashlib.sha256(memoryview(reference.detach().cpu().contiguous().view(torch.uint8).numpy())).hexdigest()
+
+
 class RunJournal:
     def __init__(self, folder: Path, fingerprint: dict, *, resume: bool, overwrite: bool):
         """Open the work folder: a new one, or (with `resume`) the one a killed run left. A folder left
@@ -86,7 +91,11 @@ class RunJournal:
 
     def check_reference(self, reference: Tensor) -> None:
         """Record the digest of the reference outputs, or compare it with the recorded one."""
-        digest = hashlib.sha256(memoryview(reference.detach().cpu().contiguous().view(torch.uint8).numpy())).hexdigest()
+        self.check_reference_digest(reference_digest(reference))
+
+    def check_reference_digest(self, digest: str) -> None:
+        """`check_reference` given the digest (a distributed run computes it on the rank holding the
+        reference outputs)."""
         recorded = self._run.get("reference_sha256")
         if recorded is None:
             self._run["reference_sha256"] = digest

@@ -198,7 +198,17 @@ class PruneReport:
 
 def prune(source: str | Path, output: str | Path, options: PruneOptions) -> PruneReport:
     """Prune `source` (a checkpoint folder or a cached Hub id) into `output`. Every check that can
-    fail (options, checkpoint, target, disk space) runs before calibration."""
+    fail (options, checkpoint, target, disk space) runs before calibration.
+
+    Under torchrun (a default process group of several ranks) every rank calls this with the same
+    arguments and the run is a pipeline over blocks (slm_fast/parallel/prune_pipeline.py)."""
+    from slm_fast.parallel.team import Team
+
+    team = Team.current()
+    if team is not None:
+        from slm_fast.parallel.prune_pipeline import prune_pipeline
+
+        return prune_pipeline(source, output, options, team)
     started = time.perf_counter()
     options = _resolved(options)
     reader = CheckpointReader(source)
@@ -248,7 +258,7 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
         scorer.scores, scorer.plan_scores = journal.scores()
         if journal.resumed:
             _log(options, f"resuming {journal.folder}: {len(scorer.scores) + len(scorer.plan_scores)} scores recorded")
-        selection = _select(scorer, cache, reader, options, on_step=journal.record_progress)
+        selection = _select(scorer, LocalBoundaries(cache), reader, options, on_step=journal.record_progress)
         bar.close()
         timings["search"] = time.perf_counter() - tick
         state_stats = combined_stats(cache.store.ledger, plan_states.ledger)
@@ -281,6 +291,23 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
     report["cost"] = _cost_report(reader, options, layout, rates, runner, scorer, state_stats, timings, predicted)
     if compensation is not None:
         report["compensation"] = compensation.to_json()
+    report_out = write_output(reader, output, options, selection, report, timings, compensation)
+    journal.remove()
+    return dataclasses.replace(report_out, seconds=time.perf_counter() - started)
+
+
+def write_output(
+    reader: CheckpointReader,
+    output: Path,
+    options: PruneOptions,
+    selection: Selection,
+    report: dict,
+    timings: dict[str, float],
+    compensation=None,
+) -> PruneReport:
+    """Write the pruned checkpoint with `report` as slm_report.json (atomically: a temporary folder
+    renamed), then add the write's own figures to the report; the run's PruneReport (seconds 0)."""
+    out_dtype = None if options.out_dtype is None else getattr(torch, options.out_dtype)
     tick = time.perf_counter()
     exported = export_merged_checkpoint(
         reader,
@@ -309,7 +336,6 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
     partial = exported.output / f".{REPORT_NAME}.partial"
     partial.write_text(json.dumps(report, indent=1) + "\n")
     partial.replace(exported.output / REPORT_NAME)
-    journal.remove()
     return PruneReport(
         output=exported.output,
         method=options.method,
@@ -320,7 +346,7 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
         parameters_before=exported.parameters_before,
         parameters_after=exported.parameters_after,
         similarity=selection.similarity,
-        seconds=time.perf_counter() - started,
+        seconds=0.0,
     )
 
 
@@ -488,7 +514,24 @@ class Selection:
     details: dict
 
 
-def _select(scorer: CandidateScorer, cache, reader: CheckpointReader, options: PruneOptions, on_step=None) -> Selection:
+class LocalBoundaries:
+    """The boundary-reading baselines' scores from a cache holding every boundary (one process)."""
+
+    def __init__(self, cache: HiddenStateCache):
+        self.cache = cache
+
+    def block_influence(self, num_blocks: int) -> list[float]:
+        return baselines.shortgpt_scores(self.cache, num_blocks)
+
+    def angular_distances(self, num_blocks: int, n: int) -> list[float]:
+        return baselines.gromov_distances(self.cache, num_blocks, n)
+
+
+def _select(
+    scorer: CandidateScorer, boundaries, reader: CheckpointReader, options: PruneOptions, on_step=None
+) -> Selection:
+    """Run the method. `boundaries` scores the baselines that read boundary states (LocalBoundaries,
+    or parallel.boundaries.PipelineBoundaries when the states are spread over ranks)."""
     if options.method == "slm" and options.search == "best-first":
         search = best_first_search(
             scorer,
@@ -511,10 +554,10 @@ def _select(scorer: CandidateScorer, cache, reader: CheckpointReader, options: P
         details = {"sleb": search.to_json() | {"removal_order": [lo for lo, _ in search.windows]}}
         return Selection([], dropped, options.rule, search.similarity, details | {"target_blocks": count})
     if options.method == "shortgpt":
-        scores = baselines.shortgpt_scores(cache, reader.num_blocks)
+        scores = boundaries.block_influence(reader.num_blocks)
         dropped, details = baselines.shortgpt_blocks(scores, count), {"block_influence": scores}
     elif options.method == "gromov":
-        distances = baselines.gromov_distances(cache, reader.num_blocks, count)
+        distances = boundaries.angular_distances(reader.num_blocks, count)
         dropped, details = baselines.gromov_blocks(distances, count), {"angular_distance": distances}
     else:
         dropped, details = baselines.last_n_blocks(reader.num_blocks, count), {}

@@ -220,11 +220,7 @@ class CandidateScorer:
         above = self._above(committed, hi)
         todo = [w for w in dict.fromkeys(windows) if (above, w) not in self.scores]
         if todo:
-            starts = [self._run_window(w, self.cache.get(w[0])) for w in todo]
-            hidden = self._run_above(torch.cat(starts), hi + 1, above)
-            outputs = self.runner.final_norm(hidden).split(self.reference.shape[0])
-            for window, output in zip(todo, outputs, strict=True):
-                score = self._similarity([output])
+            for window, score in zip(todo, self._score_windows(above, todo), strict=True):
                 self.scores[(above, window)] = score
                 if self.on_scored is not None:
                     self.on_scored("window", (above, window), score)
@@ -232,6 +228,14 @@ class CandidateScorer:
             if self.on_evaluated is not None:
                 self.on_evaluated(len(todo))
         return [self.scores[(above, w)] for w in windows]
+
+    def _score_windows(self, above: Committed, windows: list[Window]) -> list[float]:
+        """Scores of `above` + each of `windows` (sharing their top block): each window starts from the
+        cached state at its lowest block, and the blocks above run once on all of them together."""
+        starts = [self._run_window(w, self.cache.get(w[0])) for w in windows]
+        hidden = self._run_above(torch.cat(starts), windows[0][1] + 1, above)
+        outputs = self.runner.final_norm(hidden).split(self.reference.shape[0])
+        return [self._similarity([output]) for output in outputs]
 
     def score_plans(self, plans: list[list[Window]]) -> list[float]:
         """Scores of any pruned models, each given as the source window of every output block (dropped

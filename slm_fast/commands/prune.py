@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Calibrate the model block by block, scan windows of consecutive blocks from the top down, "
             "merge every window whose merged model stays similar to the original, and write the pruned "
-            "checkpoint with slm_report.json. Give exactly one target."
+            "checkpoint with slm_report.json. Give exactly one target. Under torchrun (several processes, GPUs or "
+            "hosts) the same command runs as a pipeline over blocks, each rank holding a slice of them."
         ),
     )
     parser.add_argument("source", help=MODEL_HELP)
@@ -143,7 +144,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out-dtype", choices=list(DTYPES), default=None, help="output dtype (default: source's)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, distributed=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -177,8 +178,12 @@ def run(args: argparse.Namespace) -> int:
         explicit=frozenset(given),
         **given,
     )
-    if args.dry_run:
-        print(estimate(args.source, options))
+    main = args.launch.is_main
+    if args.dry_run:  # the cost model of one process: printed by rank 0; the other ranks have nothing to do
+        if main:
+            print(estimate(args.source, options))
         return 0
-    print(prune(args.source, args.output, options).summary())
+    report = prune(args.source, args.output, options)
+    if main:
+        print(report.summary())
     return 0

@@ -7,7 +7,10 @@ of its LOCAL_RANK. Commands declare whether they run distributed (`set_defaults(
 the others refuse a multi-process launch before any work.
 
 When a peer dies, torch.distributed raises on the survivors (gloo: the connection closes; NCCL: the
-watchdog times out). `PeerLost` turns that into one clear message on every surviving rank.
+watchdog times out). `PeerLost` turns that into one clear message on every surviving rank. Gloo raises
+a plain RuntimeError ("Connection reset by peer", "Connection closed by peer") from send/recv and
+collectives, not a DistError: communication calls made through `communicate` re-raise it as a
+DistNetworkError, which the command line turns into PeerLost.
 """
 
 from __future__ import annotations
@@ -70,6 +73,17 @@ def join(launch: Launch) -> None:
 def leave() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def communicate(call, *args, **kwargs):
+    """`call(*args, **kwargs)`, a torch.distributed call, with a RuntimeError it raises (gloo's lost
+    connections) re-raised as DistNetworkError."""
+    try:
+        return call(*args, **kwargs)
+    except dist.DistError:
+        raise
+    except RuntimeError as exc:
+        raise dist.DistNetworkError(str(exc)) from exc
 
 
 def peer_lost(launch: Launch, error: BaseException) -> PeerLost:
