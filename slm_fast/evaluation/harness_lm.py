@@ -39,6 +39,7 @@ from lm_eval.models.utils import (
 from slm_fast.errors import InputError
 from slm_fast.evaluation.generation import greedy_generate
 from slm_fast.evaluation.scoring import loglikelihoods, token_request
+from slm_fast.parallel.launch import communicate
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -96,7 +97,7 @@ class StreamedLM(TemplateLM):
             return tensor
         local = tensor.detach().cpu()
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
-        dist.all_gather(parts, local, group=self.process_group)
+        communicate(dist.all_gather, parts, local, group=self.process_group)
         return torch.stack(parts) if local.ndim == 0 else torch.cat(parts)
 
     def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
@@ -105,12 +106,13 @@ class StreamedLM(TemplateLM):
         if self.process_group is None:
             return [obj]
         everyone: list[Any] | None = [None] * self.world_size if self.rank == dst else None
-        dist.gather_object(obj, everyone, dst=dist.get_global_rank(self.process_group, dst), group=self.process_group)
+        root = dist.get_global_rank(self.process_group, dst)
+        communicate(dist.gather_object, obj, everyone, dst=root, group=self.process_group)
         return None if everyone is None else [documents_in_order(everyone)]
 
     def barrier(self) -> None:
         if self.process_group is not None:
-            dist.barrier(group=self.process_group)
+            communicate(dist.barrier, group=self.process_group)
 
     # -- tokenization, as the harness's HFLM ---------------------------------------------------------
     @property

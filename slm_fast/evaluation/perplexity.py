@@ -20,6 +20,7 @@ from torch import Tensor
 from slm_fast.errors import InputError
 from slm_fast.evaluation.streaming import stream_batches, target_log_probs
 from slm_fast.parallel.data_parallel import shard
+from slm_fast.parallel.launch import communicate
 from slm_fast.runtime.stream import BlockRunner
 
 
@@ -97,7 +98,7 @@ def perplexity(
             targets = ours[index][row, seq_len - scored :]
             nll[first_window + row] = -target_log_probs(runner, states, targets, head_rows)[0].sum()
     if process_group is not None:
-        dist.all_reduce(nll, group=process_group)  # each window's value plus zeros: exact
+        communicate(dist.all_reduce, nll, group=process_group)  # each window's value plus zeros: exact
     tokens = seq_len - 1 + (count - 1) * later
     mean_nll = float(nll.sum()) / tokens
     return PerplexityResult(math.exp(mean_nll), mean_nll, tokens, count, seq_len, stride)

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from slm_fast.errors import InputError
-from slm_fast.parallel.launch import Launch
+from slm_fast.parallel.launch import Launch, communicate
+from slm_fast.parallel.team import Team
 
 
 def shard(count: int, rank: int, world_size: int) -> range:
@@ -32,24 +33,16 @@ def shard(count: int, rank: int, world_size: int) -> range:
 
 @contextmanager
 def together(launch: Launch) -> Iterator[None]:
-    """Run the block on every rank and fail on every rank when any rank raised inside it: the failing
-    rank raises its own error, the others an InputError naming the ranks that failed, so that no rank
-    goes on into a collective its peers will never join. Put every check of the input here, before the
-    long work."""
-    error: BaseException | None = None
-    try:
+    """Run the block's input checks on every rank and fail on every rank when any rank's check failed
+    (`Team.checks`: the failing rank raises its own error, the others its message naming the rank), so
+    that no rank goes on into a collective its peers will never join. Put every check of the input
+    here, before the long work."""
+    team = Team.current() if launch.distributed else None
+    if team is None:
         yield
-    except Exception as exc:  # re-raised below, once the ranks agree
-        error = exc
-    if launch.distributed:
-        flags = torch.zeros(launch.world_size, dtype=torch.int32)
-        flags[launch.rank] = int(error is not None)
-        dist.all_reduce(flags)
-        failed = flags.nonzero().flatten().tolist()
-        if failed and error is None:
-            raise InputError(f"rank(s) {failed} of {launch.world_size} rejected the input (see their error)")
-    if error is not None:
-        raise error
+        return
+    with team.checks():
+        yield
 
 
 def gather_in_order(items: Sequence[Any], launch: Launch) -> list[Any]:
@@ -58,7 +51,7 @@ def gather_in_order(items: Sequence[Any], launch: Launch) -> list[Any]:
     if not launch.distributed:
         return list(items)
     everyone: list[Any] = [None] * launch.world_size
-    dist.all_gather_object(everyone, list(items))
+    communicate(dist.all_gather_object, everyone, list(items))
     return [item for part in everyone for item in part]
 
 
@@ -70,7 +63,7 @@ def check_same_input(launch: Launch, what: str, tensor: torch.Tensor) -> None:
         return
     digest = hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
     everyone: list[Any] = [None] * launch.world_size
-    dist.all_gather_object(everyone, (tuple(tensor.shape), digest))
+    communicate(dist.all_gather_object, everyone, (tuple(tensor.shape), digest))
     differ = [rank for rank, other in enumerate(everyone) if other != everyone[0]]
     if differ:
         raise InputError(
@@ -84,7 +77,7 @@ def sum_over_ranks(values: dict[str, int], launch: Launch) -> dict[str, int]:
     if not launch.distributed or not values:
         return dict(values)
     totals = torch.tensor(list(values.values()), dtype=torch.int64)
-    dist.all_reduce(totals)
+    communicate(dist.all_reduce, totals)
     return dict(zip(values, totals.tolist(), strict=True))
 
 
@@ -92,5 +85,5 @@ def max_over_ranks(value: int, launch: Launch) -> int:
     if not launch.distributed:
         return value
     top = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    communicate(dist.all_reduce, top, op=dist.ReduceOp.MAX)
     return int(top)

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from slm_fast.errors import InputError
 from slm_fast.kernels import center_dtype, load_backend
+from slm_fast.parallel.launch import communicate
 from slm_fast.similarity.checks import (
     as_layers,
     check_kernel,
@@ -90,7 +91,7 @@ class Group:
     def all_reduce(self, tensor: Tensor, op: object = dist.ReduceOp.SUM) -> Tensor:
         buffer = tensor.to(self.device)
         self.traffic.collectives += buffer.numel() * buffer.element_size()
-        dist.all_reduce(buffer, op=op, group=self.handle)
+        communicate(dist.all_reduce, buffer, op=op, group=self.handle)
         return buffer.to(tensor.device)
 
 
@@ -120,7 +121,7 @@ def agree(group: Group, error: InputError | None) -> None:
 def check_same_setup(group: Group, setup: tuple) -> None:
     """InputError on every rank unless every rank passed the same options and layer layout."""
     everyone: list[object] = [None] * group.size
-    dist.all_gather_object(everyone, setup, group=group.handle)
+    communicate(dist.all_gather_object, everyone, setup, group=group.handle)
     for rank, other in enumerate(everyone):
         if other != setup:
             raise InputError(
@@ -194,7 +195,7 @@ def median_sigmas(
             for x in layers:
                 rows = x[mine].contiguous()
                 group.traffic.sigma_sample += rows.numel() * rows.element_size()
-                dist.send(rows.to(group.device), group.global_rank(0), group=group.handle)
+                communicate(dist.send, rows.to(group.device), group.global_rank(0), group=group.handle)
     else:
         gathered = []
         for x in layers:
@@ -202,7 +203,7 @@ def median_sigmas(
             for s in range(1, group.size):
                 if len(owned[s]):
                     part = torch.empty(len(owned[s]), x.shape[1], dtype=x.dtype, device=group.device)
-                    dist.recv(part, group.global_rank(s), group=group.handle)
+                    communicate(dist.recv, part, group.global_rank(s), group=group.handle)
                     parts.append(part.to(x.device))
             gathered.append(torch.cat(parts))
         local = PairSample(torch.searchsorted(needed, sample.i), torch.searchsorted(needed, sample.j), sample.exact)
@@ -211,7 +212,7 @@ def median_sigmas(
     # recv on rank 0 is per layer in layer order, matching the sends, so the order above is consistent.
     buffer = sigmas.to(group.device)
     group.traffic.collectives += buffer.numel() * buffer.element_size()
-    dist.broadcast(buffer, group.global_rank(0), group=group.handle)
+    communicate(dist.broadcast, buffer, group.global_rank(0), group=group.handle)
     sigmas = buffer.cpu()
     for a, value in enumerate(sigmas.tolist()):
         if not value > 0:
@@ -311,8 +312,8 @@ def _send_back(group: Group, returned: Tensor, src: int, dst: int, n_own: int) -
 
 def _run(ops: list) -> None:
     if ops:
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
+        for request in communicate(dist.batch_isend_irecv, ops):
+            communicate(request.wait)
 
 
 def matrices(
