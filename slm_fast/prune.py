@@ -265,16 +265,7 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
         compensation = None
         if options.compensate == "linear":
             tick = time.perf_counter()
-            plan = output_blocks(selection.windows, reader.num_blocks, selection.dropped)
-            compensation = fit_linear(
-                runner,
-                cache,
-                plan,
-                rule=selection.rule,
-                average_settings=options.average_settings,
-                ridge=options.compensate_ridge,
-                progress=options.progress,
-            )
+            compensation = fit_compensation(runner, cache, options, selection)
             timings["compensate"] = time.perf_counter() - tick
     finally:
         cache.close()
@@ -294,6 +285,21 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
     report_out = write_output(reader, output, options, selection, report, timings, compensation)
     journal.remove()
     return dataclasses.replace(report_out, seconds=time.perf_counter() - started)
+
+
+def fit_compensation(runner: BlockRunner, cache: HiddenStateCache, options: PruneOptions, selection: Selection):
+    """--compensate linear: the correction of every pruned span of `selection`, fitted on the calibration
+    states in `cache` (slm_fast/compensate.py)."""
+    plan = output_blocks(selection.windows, runner.num_blocks, selection.dropped)
+    return fit_linear(
+        runner,
+        cache,
+        plan,
+        rule=selection.rule,
+        average_settings=options.average_settings,
+        ridge=options.compensate_ridge,
+        progress=options.progress,
+    )
 
 
 def write_output(

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import prune_worker as worker
 import pytest
+import torch
+from safetensors.torch import load_file
 from tiny_models import save_tiny_checkpoint, save_tiny_tokenizer, write_word_corpus
 
 from slm_fast.parallel.pipeline import Slices, search_work
@@ -69,9 +71,14 @@ def source(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single(source, tmp_path_factory) -> dict:
-    """The one-process run of every case: its report."""
-    root = tmp_path_factory.mktemp("single")
+def single_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("single")
+
+
+@pytest.fixture(scope="module")
+def single(source, single_root) -> dict:
+    """The one-process run of every case (outputs in single_root): its report."""
+    root = single_root
     out = {}
     for name, overrides in worker.CASES.items():
         prune(source, root / name, worker.options(source, **overrides))
@@ -114,7 +121,7 @@ def _candidates(report: dict) -> list[tuple]:
 
 
 @pytest.mark.parametrize("name", sorted(worker.CASES))
-def test_pipeline_commits_the_one_process_windows(ranks, single, name):
+def test_pipeline_commits_the_one_process_windows(ranks, single, single_root, name):
     _, out, results = ranks
     want = single[name]
     got = json.loads((out / name / REPORT_NAME).read_text())
@@ -131,6 +138,12 @@ def test_pipeline_commits_the_one_process_windows(ranks, single, name):
             assert all(_close(a, b) for a, b in zip(got[key], want[key], strict=True))
     if "threshold_search" in want:
         assert got["threshold_search"]["tried"] == want["threshold_search"]["tried"]
+    if "compensation" in want:  # fitted on rank 0 alone as one process: the same fit and weights
+        assert got["compensation"]["fitted_on"] == "rank 0 alone, recalibrated"
+        for a, b in zip(got["compensation"]["spans"], want["compensation"]["spans"], strict=True):
+            assert a == b | {"relative_error_after": a["relative_error_after"]}
+            assert _close(a["relative_error_after"], b["relative_error_after"])
+        _assert_same_weights(out / name, single_root / name)
     # every rank returned the same decisions
     for result in results:
         assert result[name]["windows"] == [list(w) for w in want["windows"]]
@@ -138,6 +151,19 @@ def test_pipeline_commits_the_one_process_windows(ranks, single, name):
         assert result[name]["blocks_after"] == NUM_BLOCKS - sum(hi - lo for lo, hi in want["windows"]) - len(
             want["dropped"]
         )
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    """The two checkpoints hold the same tensors, to the scores' bound relative to each tensor's size."""
+    mine, theirs = (
+        {k: v for shard in sorted(folder.glob("*.safetensors")) for k, v in load_file(shard).items()}
+        for folder in (a, b)
+    )
+    assert theirs
+    assert mine.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        scale = float(tensor.abs().max()) + 1
+        torch.testing.assert_close(mine[name], tensor, rtol=0, atol=TOLERANCE * scale, msg=name)
 
 
 def test_the_report_records_the_pipeline(ranks):
@@ -178,7 +204,6 @@ def test_bad_input_fails_every_rank_before_work(ranks):
     _, out, results = ranks
     for result in results:
         assert "can remove at most 8 of the 10 blocks" in result["too_many"]["error"]
-        assert "--compensate linear does not run on several processes" in result["compensate"]["error"]
         assert "holds no run to resume" in result["resume_nothing"]["error"]
     assert "(on rank 0)" in results[-1]["resume_nothing"]["error"]
     assert not (out / "resume_nothing").exists()

@@ -11,8 +11,11 @@ shares with the other ranks what they need from it (token ids, recorded scores o
 filesystem is needed across hosts), and writes the output and its report. Checks that can fail on one
 rank fail the run on every rank before any work (Team.checks).
 
-Not distributed: --compensate linear (its fit reads the boundaries of each pruned span, spread over
-ranks here); the cost model's figures (`cost` in the one-process report), which model one process.
+--compensate linear runs on rank 0 alone after the search: its fit walks the pruned model bottom-up
+over the original states at every pruned span's ends, which the pipeline spreads over the ranks, so
+rank 0 calibrates again as one process (the model read once more) and fits as `prune` does on one
+process, while the other ranks wait for its outcome. Not distributed: the cost model's figures (`cost`
+in the one-process report), which model one process.
 """
 
 from __future__ import annotations
@@ -45,9 +48,11 @@ from slm_fast.prune import (
     _runtime,
     _select,
     calibration_ids,
+    fit_compensation,
     work_folder,
     write_output,
 )
+from slm_fast.runtime.stream import calibrate
 
 # Default chunks per rank: with C chunks in flight on W ranks a sweep keeps the ranks busy about
 # C / (C + W - 1) of the time, 2W chunks about 2/3 or more (a memory-sized micro-batch is often all
@@ -189,7 +194,13 @@ def _finish(team, reader, output, options, journal, input_ids, selection, scorer
             "ranks": ranks,
         }
         try:
-            written = write_output(reader, output, options, selection, report, timings, None)
+            compensation = None
+            if options.compensate == "linear":
+                tick = time.perf_counter()
+                compensation = _compensate_alone(reader, options, input_ids, selection, journal)
+                timings["compensate"] = time.perf_counter() - tick
+                report["compensation"] = compensation.to_json() | {"fitted_on": "rank 0 alone, recalibrated"}
+            written = write_output(reader, output, options, selection, report, timings, compensation)
             journal.remove()
             outcome = {k: getattr(written, k) for k in ("blocks_after", "parameters_before", "parameters_after")}
         except Exception as exc:  # the others must not wait for a rank that stopped
@@ -212,13 +223,21 @@ def _finish(team, reader, output, options, journal, input_ids, selection, scorer
     )
 
 
+def _compensate_alone(reader, options, input_ids, selection, journal):
+    """--compensate linear on rank 0 alone (module docstring): one-process calibration and fit, with
+    the one-process memory budget (the other ranks have released theirs)."""
+    runner, cache, plan_states, _ = _runtime(reader, options, input_ids.shape[0], spill_dir=journal.states_dir)
+    try:
+        calibrate(runner, input_ids, cache, progress=options.progress)
+        return fit_compensation(runner, cache, options, selection)
+    finally:
+        cache.close()
+        plan_states.close()
+        runner.close()
+
+
 def _distributed_options(options: PruneOptions, team: Team) -> PruneOptions:
-    """Refuse what does not run distributed; give each rank the GPU of its LOCAL_RANK."""
-    if options.compensate != "none":
-        raise InputError(
-            f"--compensate {options.compensate} does not run on several processes (its fit reads the boundary "
-            "states of each pruned span, which the pipeline spreads over the ranks): run it without torchrun"
-        )
+    """Give each rank the GPU of its LOCAL_RANK (an explicit cuda:N is refused)."""
     device = torch.device(options.device)
     if device.type == "cuda":
         if device.index is not None:
