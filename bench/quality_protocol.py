@@ -393,6 +393,7 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
         lines.append(_row("dense", results["dense"], ""))
         for key in sorted(keys, key=lambda k: validation_score(results[k])):
             lines.append(_row(key.split("/", 1)[1], results[key], "**chosen**" if key == chosen else ""))
+        lines += ["", _validation_margin(results, remove)]
         lines += ["", "Paired differences in held-out mean NLL per window (nats; negative = the first is better):", ""]
         for first, second in _pairs(results, remove):
             parts = []
@@ -413,6 +414,23 @@ def _chosen(results: dict, remove: int) -> str:
     """The pruning configuration (healed rows aside) of lowest mean validation log-perplexity."""
     keys = [k for k in _keys(results, remove) if "heal" not in results[k]]
     return min(keys, key=lambda k: validation_score(results[k]))
+
+
+def _validation_margin(results: dict, remove: int) -> str:
+    """How clearly validation chose: the chosen configuration against the next two pruning
+    configurations, paired per window on the mean of the validation corpora's NLLs."""
+    chosen = _chosen(results, remove)
+    others = [k for k in _keys(results, remove) if "heal" not in results[k] and k != chosen]
+    runners = sorted(others, key=lambda k: validation_score(results[k]))[:2]
+
+    def per_window(key: str) -> list[float]:
+        return [statistics.fmean(values) for values in zip(*(results[key]["nll"][c] for c in VALIDATION), strict=True)]
+
+    parts = []
+    for key in runners:
+        mean, se = paired(per_window(chosen), per_window(key))
+        parts.append(f"vs {key.split('/', 1)[1]} {mean:+.4f} ± {se:.4f}")
+    return f"Validation margin of the choice (paired per window, nats): {chosen.split('/', 1)[1]} " + "; ".join(parts)
 
 
 def _heal_budgets(results: dict) -> list[str]:
