@@ -494,7 +494,7 @@ def _row(name: str, row: dict, mark: str) -> str:
     ppl = []
     for corpus in HELD_OUT:
         value, se = summary(row["nll"][corpus])
-        ppl.append(f"{value:.2f} ± {se:.2f}")
+        ppl.append(f"{value:.2f} ± {se:.2f}" if value < 1e4 else f"{value:.3g} ± {se:.2g}")
     info = row.get("prune")
     seconds = "" if info is None else f"{info['seconds']:.0f}"
     heal = f"{row['heal']['seconds']:.0f}" if "heal" in row else ""
