@@ -15,12 +15,19 @@ deterministic, so `prune --compensate linear` would choose the same; the bench c
 writes exactly as prune does (slm_fast.compensate.fit_linear, export with the fold) and reports the
 base row's calibration + search seconds plus the compensation's and the write's.
 
+A "+lora" / "+partial" row heals that configuration's pruned model with `slm-fast heal` on a budget
+given once for all rows (--heal-steps, --heal-batch-size, --heal-cutoff, --heal-corpus: never a
+validation or held-out text) and records it. When that pruned model is gone but its row is recorded,
+the recorded selection is written again (no search) and checked against the row's validation NLLs.
+`--zero-shot ROW ...` scores rows on the seven tasks through `slm-fast evaluate` (ARC-c, OBQA,
+WinoGrande whole; the others on 500 documents), one task per run, with the harness's standard errors.
+
 The default configuration is the one of lowest mean validation log-perplexity among those run; the
 held-out table then says where it wins and where it loses. Results accumulate in a JSON file (an
 interrupted run resumes), pruned models in --workdir (an existing OUT with slm_report.json is reused).
 
     PYTHONPATH=. python bench/quality_protocol.py --model /work/wt/smollm2 --remove 6 \
-        --configs default default+comp sleb sleb+comp
+        --configs default default+comp sleb sleb+comp default+lora sleb+partial --zero-shot dense 6/default
 
 (PYTHONPATH=. makes the in-process parts import this tree when another one is installed editable.)
 """
