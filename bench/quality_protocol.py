@@ -15,12 +15,19 @@ deterministic, so `prune --compensate linear` would choose the same; the bench c
 writes exactly as prune does (slm_fast.compensate.fit_linear, export with the fold) and reports the
 base row's calibration + search seconds plus the compensation's and the write's.
 
+A "+lora" / "+partial" row heals that configuration's pruned model with `slm-fast heal` on a budget
+given once for all rows (--heal-steps, --heal-batch-size, --heal-cutoff, --heal-corpus: never a
+validation or held-out text) and records it. When that pruned model is gone but its row is recorded,
+the recorded selection is written again (no search) and checked against the row's validation NLLs.
+`--zero-shot ROW ...` scores rows on the seven tasks through `slm-fast evaluate` (ARC-c, OBQA,
+WinoGrande whole; the others on 500 documents), one task per run, with the harness's standard errors.
+
 The default configuration is the one of lowest mean validation log-perplexity among those run; the
 held-out table then says where it wins and where it loses. Results accumulate in a JSON file (an
 interrupted run resumes), pruned models in --workdir (an existing OUT with slm_report.json is reused).
 
     PYTHONPATH=. python bench/quality_protocol.py --model /work/wt/smollm2 --remove 6 \
-        --configs default default+comp sleb sleb+comp
+        --configs default default+comp sleb sleb+comp default+lora sleb+partial --zero-shot dense 6/default
 
 (PYTHONPATH=. makes the in-process parts import this tree when another one is installed editable.)
 """
@@ -59,6 +66,17 @@ CONFIGS: dict[str, list[str]] = {
     "last-n": ["--method", "last-n"],
     "paper preset": ["--preset", "reference"],
 }
+# "<config>+lora" / "<config>+partial": that configuration's pruned model healed by `slm-fast heal`.
+HEALS = {"lora": "--lora", "partial": "--partial"}
+HEALED_BASES = ("default", "sleb", "shortgpt")
+CONFIGS |= {f"{base}+{mode}": CONFIGS[base] for base in HEALED_BASES for mode in HEALS}
+# Texts a healing corpus must not be: the protocol's validation and held-out corpora.
+NOT_FOR_HEALING = {"austen", "austen:mansfield_park", "austen:pride_and_prejudice", "lambada", "boolq"}
+# Zero-shot: the seven local tasks; ARC-c (299 validation documents), OBQA (500) and WinoGrande (1267)
+# whole, the others on their first ZERO_SHOT_DOCS documents.
+ZERO_SHOT_DOCS = 500
+ZERO_SHOT_WHOLE = ("arc_challenge", "openbookqa", "winogrande")
+ZERO_SHOT_TASKS = ("arc_challenge", "openbookqa", "winogrande", "boolq", "piqa", "arc_easy", "hellaswag")
 
 
 def prune(model: Path, out: Path, remove: int, flags: list[str]) -> dict:
@@ -77,6 +95,7 @@ def prune(model: Path, out: Path, remove: int, flags: list[str]) -> dict:
         "timings": timings,
         "windows": report["windows"],
         "dropped": report["dropped"],
+        "rule": report["rule"],
         "compensation": report.get("compensation"),
     }
 
@@ -109,9 +128,8 @@ def compensate_selection(model: Path, base: Path, out: Path, flags: list[str]) -
     export_merged_checkpoint(reader, out, windows, dropped=dropped, rule=report["rule"], overwrite=True,
                              progress=False, block_transform=fitted.fold)  # fmt: skip
     write = time.perf_counter() - tick
-    base_timings = report["timings_s"]
-    timings = {"calibrate": base_timings["calibrate"], "search": base_timings["search"], "compensate": seconds}
-    timings["write"] = write
+    # The base run's setup, calibration and search, then this fit and write.
+    timings = {k: v for k, v in report["timings_s"].items() if k != "write"} | {"compensate": seconds, "write": write}
     return {
         "seconds": sum(timings.values()),
         "timings": timings,
@@ -120,6 +138,103 @@ def compensate_selection(model: Path, base: Path, out: Path, flags: list[str]) -
         "compensation": fitted.to_json(),
         "derived_from": str(base),
     }
+
+
+def config_rule(flags: list[str]) -> str:
+    """The merge rule `prune` applies for a configuration's flags (what slm_report.json records as "rule")."""
+    from slm_fast.prune import REFERENCE_PRESET, PruneOptions
+
+    options = PruneOptions()
+    if "--method" in flags:
+        options.method = flags[flags.index("--method") + 1]
+    if "--preset" in flags and flags[flags.index("--preset") + 1] == "reference":
+        options.rule = REFERENCE_PRESET["rule"]
+    if "--rule" in flags:
+        options.rule = flags[flags.index("--rule") + 1]
+    return options.merge_rule
+
+
+def write_recorded_selection(model: Path, recorded: dict, rule: str, out: Path, check: dict[str, list[float]]) -> dict:
+    """Write the selection of a measured row (its "prune" record: windows, dropped) to `out` without
+    searching again, and check that it is that row's model: the NLLs of the first batch (4 windows)
+    of each validation corpus must equal the recorded ones, being the same computation on the same
+    batch (1e-6 nats allows only for summation order; another selection differs by far more). The row
+    keeps the recorded calibration and search seconds; the write's replace the recorded write's."""
+    from slm_fast.export import export_merged_checkpoint
+
+    windows, dropped = [tuple(w) for w in recorded["windows"]], recorded["dropped"]
+    tick = time.perf_counter()
+    export_merged_checkpoint(model, out, windows, dropped=dropped, rule=rule, overwrite=True, progress=False)
+    write = time.perf_counter() - tick
+    for corpus in VALIDATION:
+        first = window_nlls(out, corpus, 4)
+        if max(abs(a - b) for a, b in zip(first, check[corpus][:4], strict=True)) > 1e-6:
+            raise SystemExit(f"{out}: {corpus} window NLLs {first} differ from the recorded {check[corpus][:4]}")
+    timings = {k: v for k, v in recorded["timings"].items() if k != "write"} | {"write": write}
+    return {
+        "seconds": sum(timings.values()),
+        "timings": timings,
+        "windows": recorded["windows"],
+        "dropped": dropped,
+        "rule": rule,
+        "compensation": None,
+        "recorded": True,  # the selection (and its search seconds) of the recorded row; checked as above
+    }
+
+
+def heal_model(pruned: Path, out: Path, mode: str, budget: dict) -> dict:
+    """`slm-fast heal PRUNED OUT --lora|--partial` with the budget (steps, batch size, cutoff, corpus);
+    the heal report's seconds, budget and loss means (first and last 10 steps)."""
+    if not (out / "heal_report.json").is_file():
+        command = slm_fast_command(
+            "--threads", "1", "heal", str(pruned), str(out), HEALS[mode], "--steps", str(budget["steps"]),
+            "--batch-size", str(budget["batch_size"]), "--cutoff", str(budget["cutoff"]), "--corpus",
+            budget["corpus"], "--overwrite", "--no-progress",
+        )  # fmt: skip
+        run = run_child(command)
+        if run.returncode != 0:
+            raise SystemExit(f"heal failed: {' '.join(command)}\n{run.output}")
+    report = json.loads((out / "heal_report.json").read_text())
+    losses = report["losses"]
+    options = report["options"]
+    return {
+        "mode": mode,
+        "seconds": report["seconds"],
+        "steps": options["steps"],
+        "batch_size": options["batch_size"],
+        "cutoff": options["cutoff"],
+        "corpus": options["corpus"],
+        "lr": options["lr"],
+        "tokens": options["steps"] * options["batch_size"] * options["cutoff"],
+        "trainable_parameters": report["trainable_parameters"],
+        "loss_first10": statistics.fmean(losses[:10]),
+        "loss_last10": statistics.fmean(losses[-10:]),
+    }
+
+
+def zero_shot(model: Path, results: dict, save) -> None:
+    """The seven tasks through `slm-fast evaluate --tasks T --limit N`, one task per run so that each
+    finished task is kept (`results[task]`: the evaluate JSON's task record, seconds added)."""
+    import tempfile
+
+    for task in ZERO_SHOT_TASKS:
+        if task in results:
+            continue
+        limit = "all" if task in ZERO_SHOT_WHOLE else str(ZERO_SHOT_DOCS)
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "eval.json"
+            command = slm_fast_command(
+                "--threads", "1", "evaluate", str(model), "--tasks", task, "--limit", limit, "--json", str(path),
+                "--no-progress",
+            )  # fmt: skip
+            run = run_child(command)
+            if run.returncode != 0:
+                raise SystemExit(f"evaluate failed: {' '.join(command)}\n{run.output}")
+            report = json.loads(path.read_text())
+        record = report["zero_shot"]["tasks"][task]
+        results[task] = record | {"seconds": run.seconds, "lm_eval": report["run"].get("lm_eval_version")}
+        print(f"  {task}: {record['metric']} {record['score']:.4f} ± {record['stderr']:.4f} ({run.seconds:.0f} s)")
+        save()
 
 
 def window_nlls(model: Path, corpus: str, windows: int) -> list[float]:
@@ -137,7 +252,7 @@ def window_nlls(model: Path, corpus: str, windows: int) -> list[float]:
     nlls: list[float] = []
     for index, hidden in stream_batches(runner, batches, 2 * 10**9, progress=False):
         rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-        log_probs = target_log_probs(runner, rows, batches[index][:, 1:].reshape(-1), 512)
+        log_probs, _ = target_log_probs(runner, rows, batches[index][:, 1:].reshape(-1), 512)
         nlls += (-log_probs.reshape(len(batches[index]), -1).mean(1)).tolist()
     return nlls
 
@@ -174,9 +289,20 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("bench/quality_protocol.json"))
     parser.add_argument("--out", type=Path, default=Path("bench/quality_protocol.md"))
     parser.add_argument("--table-only", action="store_true", help="write --out from --results, run nothing")
+    parser.add_argument("--heal-steps", type=int, default=40, help="healing budget: steps (every healed row)")
+    parser.add_argument("--heal-batch-size", type=int, default=4, help="healing budget: sequences per step")
+    parser.add_argument("--heal-cutoff", type=int, default=256, help="healing budget: tokens per sequence")
+    parser.add_argument("--heal-corpus", default="brown", help="healing text (never a validation or held-out one)")
+    parser.add_argument(
+        "--zero-shot", nargs="+", default=[], metavar="ROW", help="rows (dense, 6/default, ...) to score on 7 tasks"
+    )
     args = parser.parse_args()
+    if args.heal_corpus in NOT_FOR_HEALING:
+        raise SystemExit(f"--heal-corpus {args.heal_corpus}: a validation or held-out text cannot train the model")
     torch.set_num_threads(1)
     results = json.loads(args.results.read_text()) if args.results.exists() else {}
+    budget = {"steps": args.heal_steps, "batch_size": args.heal_batch_size, "cutoff": args.heal_cutoff,
+              "corpus": args.heal_corpus}  # fmt: skip
 
     def save() -> None:
         args.results.write_text(json.dumps(results, indent=1) + "\n")
@@ -191,20 +317,56 @@ def main() -> None:
                 if "nll" in results.get(key, {}):
                     continue
                 out = _outdir(args.workdir, remove, name)
-                base = _outdir(args.workdir, remove, name.split("+comp")[0])
-                if "+comp" in name and (base / "slm_report.json").is_file() and not out.exists():
-                    row = {"prune": compensate_selection(args.model, base, out, CONFIGS[name])}
+                mode = _heal_mode(name)
+                uncompensated = _outdir(args.workdir, remove, name.split("+comp")[0])
+                if mode is not None:
+                    base_name = name.rsplit("+", 1)[0]
+                    base = _outdir(args.workdir, remove, base_name)
+                    row = {"prune": pruned_model(args.model, base, results, remove, base_name)}
+                    row["heal"] = heal_model(base, out, mode, budget)
+                elif "+comp" in name and _pruned(uncompensated) and not out.exists():
+                    row = {"prune": compensate_selection(args.model, uncompensated, out, CONFIGS[name])}
                 else:
                     row = {"prune": prune(args.model, out, remove, CONFIGS[name])}
                 row["nll"] = score(out, args.windows)
                 results[key] = row
                 print(f"{key}: validation {validation_score(row):.4f}", flush=True)
                 save()
+        for key in args.zero_shot:
+            if key not in results:
+                raise SystemExit(f"--zero-shot {key}: no such row in {args.results}")
+            model = args.model if key == "dense" else _outdir(args.workdir, *key.split("/", 1))
+            if not (model / "config.json").is_file():
+                raise SystemExit(f"--zero-shot {key}: its model {model} is not in --workdir")
+            print(f"zero-shot {key}", flush=True)
+            zero_shot(model, results[key].setdefault("zero_shot", {}), save)
     args.out.write_text(markdown(results, args))
     print(args.out.read_text())
 
 
-def _outdir(workdir: Path, remove: int, name: str) -> Path:
+def pruned_model(model: Path, out: Path, results: dict, remove: int, name: str) -> dict:
+    """The pruned model of configuration `name` in `out`, and its "prune" record: reused if there,
+    else re-created from the recorded row's selection when one exists, else pruned."""
+    recorded = results.get(f"{remove}/{name}", {})
+    marker = out / "protocol_selection.json"
+    if (out / "slm_report.json").is_file() or "prune" not in recorded or recorded["prune"].get("compensation"):
+        return prune(model, out, remove, CONFIGS[name])
+    if not marker.is_file():
+        info = write_recorded_selection(model, recorded["prune"], config_rule(CONFIGS[name]), out, recorded["nll"])
+        marker.write_text(json.dumps(info, indent=1) + "\n")
+    return json.loads(marker.read_text())
+
+
+def _pruned(folder: Path) -> bool:
+    return (folder / "slm_report.json").is_file()
+
+
+def _heal_mode(name: str) -> str | None:
+    mode = name.rsplit("+", 1)[-1]
+    return mode if "+" in name and mode in HEALS else None
+
+
+def _outdir(workdir: Path, remove: int | str, name: str) -> Path:
     return workdir / f"{remove}-{name.replace(' ', '_')}"
 
 
@@ -217,22 +379,28 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
         "Calibration: 10 x 128 tokens of *Emma* (seed 1234). Validation (used only to choose): *Mansfield Park* "
         f"and LAMBADA; held-out (reported): *Pride and Prejudice* and BoolQ passages; {windows} windows of "
         f"{SEQ_LEN} tokens each. Perplexity ± standard error over windows. `val` = mean validation log-perplexity "
-        "(lower is better); the chosen configuration per removal is the lowest `val`, marked **chosen**. "
-        "Prune seconds include calibration, search, compensation and writing. `+comp` = `--compensate linear` "
-        "at the default ridge (1, chosen here on validation), `ridge R` at another.",
+        "(lower is better); the chosen pruning configuration per removal is the lowest `val` among the rows "
+        "without healing, marked **chosen**. Prune seconds include calibration, search, compensation and writing. "
+        "`+comp` = `--compensate linear` at the default ridge (1, chosen here on validation), `ridge R` at another. "
+        "`+lora` / `+partial` = that row's pruned model after `slm-fast heal --lora` / `--partial`; heal seconds "
+        "beside it. *recorded selection*: the pruned model was re-written from the selection of an earlier run "
+        "of the same configuration (checked: its validation NLLs on the first 4 windows equal the recorded ones) "
+        "and its prune seconds are that run's.",
         "",
     ]
-    header = ["model", "val (log ppl)", *[f"PPL {c}" for c in HELD_OUT], "prune s", "selection", ""]
+    lines += _heal_budgets(results)
+    header = ["model", "val (log ppl)", *[f"PPL {c}" for c in HELD_OUT], "prune s", "heal s", "selection", ""]
     removals = sorted({int(k.split("/")[0]) for k in results if k != "dense"})
     for remove in removals:
-        keys = [k for k in results if k.startswith(f"{remove}/") and "nll" in results[k]]
+        keys = _keys(results, remove)
         if not keys:
             continue
-        chosen = min(keys, key=lambda k: validation_score(results[k]))
+        chosen = _chosen(results, remove)
         lines += [f"## {remove} blocks removed", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines.append(_row("dense", results["dense"], ""))
         for key in sorted(keys, key=lambda k: validation_score(results[k])):
             lines.append(_row(key.split("/", 1)[1], results[key], "**chosen**" if key == chosen else ""))
+        lines += ["", _validation_margin(results, remove)]
         lines += ["", "Paired differences in held-out mean NLL per window (nats; negative = the first is better):", ""]
         for first, second in _pairs(results, remove):
             parts = []
@@ -241,16 +409,91 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
                 parts.append(f"{corpus}: {mean:+.4f} ± {se:.4f}")
             lines.append(f"- {first.split('/', 1)[1]} vs {second.split('/', 1)[1]}: " + "; ".join(parts))
         lines.append("")
+    lines += _zero_shot_table(results)
     return "\n".join(lines) + "\n"
 
 
+def _keys(results: dict, remove: int) -> list[str]:
+    return [k for k in results if k.startswith(f"{remove}/") and "nll" in results[k]]
+
+
+def _chosen(results: dict, remove: int) -> str:
+    """The pruning configuration (healed rows aside) of lowest mean validation log-perplexity."""
+    keys = [k for k in _keys(results, remove) if "heal" not in results[k]]
+    return min(keys, key=lambda k: validation_score(results[k]))
+
+
+def _validation_margin(results: dict, remove: int) -> str:
+    """How clearly validation chose: the chosen configuration against the next two pruning
+    configurations, paired per window on the mean of the validation corpora's NLLs."""
+    chosen = _chosen(results, remove)
+    others = [k for k in _keys(results, remove) if "heal" not in results[k] and k != chosen]
+    runners = sorted(others, key=lambda k: validation_score(results[k]))[:2]
+
+    def per_window(key: str) -> list[float]:
+        return [statistics.fmean(values) for values in zip(*(results[key]["nll"][c] for c in VALIDATION), strict=True)]
+
+    parts = []
+    for key in runners:
+        mean, se = paired(per_window(chosen), per_window(key))
+        parts.append(f"vs {key.split('/', 1)[1]} {mean:+.4f} ± {se:.4f}")
+    return f"Validation margin of the choice (paired per window, nats): {chosen.split('/', 1)[1]} " + "; ".join(parts)
+
+
+def _heal_budgets(results: dict) -> list[str]:
+    budgets = {
+        (h["steps"], h["batch_size"], h["cutoff"], h["corpus"], h["lr"])
+        for row in results.values()
+        if (h := row.get("heal"))
+    }
+    return [
+        f"Healing budget: {steps} steps x {batch} sequences x {cutoff} tokens = {steps * batch * cutoff:,} tokens "
+        f"of `{corpus}` (not a validation or held-out text), lr {lr:g}, the heal command's other defaults."
+        for steps, batch, cutoff, corpus, lr in sorted(budgets)
+    ] + ([""] if budgets else [])
+
+
+def _zero_shot_table(results: dict) -> list[str]:
+    """Per task: the papers' metric ± its standard error (harness), documents scored; the average of the
+    seven with se = sqrt(sum se^2) / 7 (tasks independent)."""
+    rows = [k for k in results if results[k].get("zero_shot")]
+    if not rows:
+        return []
+    lines = [
+        "## Zero-shot",
+        "",
+        f"`slm-fast evaluate --tasks T`: ARC-c, OBQA and WinoGrande whole (validation splits), the others on "
+        f"their first {ZERO_SHOT_DOCS} documents; the papers' metric (acc or acc_norm) ± standard error, in %. "
+        "The average (± its standard error, tasks taken as independent) only where all seven ran.",
+        "",
+        "| model | " + " | ".join(ZERO_SHOT_TASKS) + " | average | s |",
+        "|" + "---|" * (len(ZERO_SHOT_TASKS) + 3),
+    ]
+    for key in rows:
+        tasks = results[key]["zero_shot"]
+        cells = [
+            f"{100 * t['score']:.1f} ± {100 * t['stderr']:.1f} ({t['documents']})" if (t := tasks.get(name)) else ""
+            for name in ZERO_SHOT_TASKS
+        ]
+        average = ""
+        if all(name in tasks for name in ZERO_SHOT_TASKS):
+            mean = statistics.fmean(tasks[n]["score"] for n in ZERO_SHOT_TASKS)
+            se = math.sqrt(sum(tasks[n]["stderr"] ** 2 for n in ZERO_SHOT_TASKS)) / len(ZERO_SHOT_TASKS)
+            average = f"{100 * mean:.1f} ± {100 * se:.1f}"
+        seconds = f"{sum(t['seconds'] for t in tasks.values()):.0f}"
+        lines.append("| " + " | ".join([key, *cells, average, seconds]) + " |")
+    return [*lines, ""]
+
+
 def _pairs(results: dict, remove: int) -> list[tuple[str, str]]:
-    """Each compensated configuration against the same selection without compensation, and the chosen
-    one against every other."""
-    keys = [k for k in results if k.startswith(f"{remove}/") and "nll" in results[k]]
+    """Each compensated or healed configuration against the same selection without it, and the chosen
+    one against every other pruning configuration."""
+    keys = _keys(results, remove)
     pairs = [(k, k.split("+comp")[0]) for k in keys if "+comp" in k and k.split("+comp")[0] in keys]
-    chosen = min(keys, key=lambda k: validation_score(results[k]))
-    pairs += [(chosen, k) for k in keys if k != chosen and (chosen, k) not in pairs]
+    pairs += [(k, k.rsplit("+", 1)[0]) for k in keys if "heal" in results[k] and k.rsplit("+", 1)[0] in keys]
+    chosen = _chosen(results, remove)
+    others = [k for k in keys if k != chosen and "heal" not in results[k]]
+    pairs += [(chosen, k) for k in others if (chosen, k) not in pairs]
     return pairs
 
 
@@ -258,14 +501,17 @@ def _row(name: str, row: dict, mark: str) -> str:
     ppl = []
     for corpus in HELD_OUT:
         value, se = summary(row["nll"][corpus])
-        ppl.append(f"{value:.2f} ± {se:.2f}")
+        ppl.append(f"{value:.2f} ± {se:.2f}" if value < 1e4 else f"{value:.3g} ± {se:.2g}")
     info = row.get("prune")
     seconds = "" if info is None else f"{info['seconds']:.0f}"
+    heal = f"{row['heal']['seconds']:.0f}" if "heal" in row else ""
     selection = "" if info is None else _selection(info)
     if info is not None and info.get("derived_from"):
         mark = " ".join(filter(None, [mark, "(selection of the row without comp)"]))
+    if info is not None and info.get("recorded"):
+        mark = " ".join(filter(None, [mark, "(recorded selection)"]))
     val = f"{validation_score(row):.4f}"
-    return "| " + " | ".join([name, val, *ppl, seconds, selection, mark]) + " |"
+    return "| " + " | ".join([name, val, *ppl, seconds, heal, selection, mark]) + " |"
 
 
 def _selection(info: dict) -> str:

@@ -1,0 +1,65 @@
+"""bench/quality_protocol.py's own paths on a tiny model: re-writing a recorded selection (and refusing
+one that is not the recorded model), the merge rule of a configuration, and a healed row's budget."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from tiny_models import save_tiny_checkpoint, save_tiny_tokenizer, write_word_corpus
+
+from slm_fast.baselines import LACO_RULE
+from slm_fast.prune import PruneOptions, prune
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import quality_protocol as protocol
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    """A tiny model, its best-first prune (2 blocks) and the protocol's record of that row."""
+    root = tmp_path_factory.mktemp("protocol")
+    model = save_tiny_checkpoint(root / "model", "llama", num_layers=6)
+    save_tiny_tokenizer(model)
+    corpus = write_word_corpus(root / "calib.txt", documents=12, words=200)
+    options = PruneOptions(remove=2, calib=str(corpus), n_samples=4, seq_len=32, progress=False)
+    prune(model, root / "pruned", options)
+    recorded = protocol.prune(model, root / "pruned", 2, [])  # reads slm_report.json, prunes nothing
+    nll = {corpus: protocol.window_nlls(root / "pruned", corpus, 4) for corpus in protocol.VALIDATION}
+    return model, root, recorded, nll
+
+
+def test_recorded_selection_rewrites_the_same_model(pruned, tmp_path):
+    model, root, recorded, nll = pruned
+    info = protocol.write_recorded_selection(model, recorded, recorded["rule"], tmp_path / "again", nll)
+    assert info["recorded"] and info["windows"] == recorded["windows"] and info["dropped"] == recorded["dropped"]
+    assert info["timings"]["search"] == recorded["timings"]["search"]
+    original = load_file(root / "pruned" / "model.safetensors")
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    assert original.keys() == again.keys() and all((original[k] == again[k]).all() for k in original)
+
+
+def test_recorded_selection_refuses_another_model(pruned, tmp_path):
+    model, _, recorded, nll = pruned
+    other = recorded | {"windows": [], "dropped": [0, 1]}  # a different selection of the same size
+    with pytest.raises(SystemExit, match="differ from the recorded"):
+        protocol.write_recorded_selection(model, other, recorded["rule"], tmp_path / "other", nll)
+
+
+def test_config_rule_is_what_prune_applies():
+    assert protocol.config_rule([]) == PruneOptions().rule
+    assert protocol.config_rule(protocol.CONFIGS["laco"]) == LACO_RULE
+    assert protocol.config_rule(protocol.CONFIGS["paper preset"]) == "keep_high_norms_low"
+    assert protocol.config_rule(["--rule", "mean"]) == "mean"
+
+
+def test_healed_row_records_its_budget(pruned, tmp_path):
+    _, root, _, _ = pruned
+    corpus = write_word_corpus(tmp_path / "heal.txt", documents=8, words=100)
+    budget = {"steps": 3, "batch_size": 2, "cutoff": 16, "corpus": str(corpus)}
+    info = protocol.heal_model(root / "pruned", tmp_path / "healed", "partial", budget)
+    assert info["mode"] == "partial" and info["steps"] == 3 and info["tokens"] == 3 * 2 * 16
+    report = json.loads((tmp_path / "healed" / "heal_report.json").read_text())
+    assert report["mode"] == "partial" and len(report["losses"]) == 3
+    assert protocol._heal_mode("sleb+lora") == "lora" and protocol._heal_mode("sleb+comp") is None
