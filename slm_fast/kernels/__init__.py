@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import NamedTuple
 
@@ -63,6 +63,28 @@ class ContractInputs(NamedTuple):
     gammas: list[float] | None  # None for the linear kernel
     pairs: list[tuple[int, int]]
     centers: list[Tensor]  # [d_a] per layer, float32 (float64 when an input is float64), on the inputs' device
+
+
+def contract_entry(name: str, run: Callable[..., KernelSums], doc: str) -> Callable[..., KernelSums]:
+    """A backend's public entry point `name`: the contract's signature, `kernel_sums(rows, cols, *,
+    kernel, gammas, pairs, centers=None, block_size=None)`, calling `run` with those seven arguments in
+    that order (a backend's variants differ only in `run`)."""
+
+    def entry(
+        rows: Sequence[Tensor],
+        cols: Sequence[Tensor] | None,
+        *,
+        kernel: str,
+        gammas: Sequence[float] | None,
+        pairs: Tensor,
+        centers: Sequence[Tensor] | None = None,
+        block_size: int | None = None,
+    ) -> KernelSums:
+        return run(rows, cols, kernel, gammas, pairs, centers, block_size)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = doc
+    return entry
 
 
 def check_inputs(

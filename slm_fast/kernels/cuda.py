@@ -26,6 +26,7 @@ from slm_fast.kernels import (
     centred_copy,
     centred_stack,
     check_inputs,
+    contract_entry,
     slabs,
     stacked_squared_norms,
 )
@@ -160,59 +161,31 @@ def _run_slabs(inputs: ContractInputs, dtype: torch.dtype, width: int, rbf: bool
         raise InputError(str(exc)) from exc
 
 
-def kernel_sums(
-    rows: Sequence[Tensor],
-    cols: Sequence[Tensor] | None,
-    *,
-    kernel: str,
-    gammas: Sequence[float] | None,
-    pairs: Tensor,
-    centers: Sequence[Tensor] | None = None,
-    block_size: int | None = None,
-) -> KernelSums:
-    """The backend contract, by the variant computing fewer Gram tiles (band or all pairs)."""
-    return _run("cheaper", rows, cols, kernel, gammas, pairs, centers, block_size)
+kernel_sums = contract_entry(
+    "kernel_sums",
+    functools.partial(_run, "cheaper"),
+    """The backend contract, by the variant computing fewer Gram tiles (band or all pairs).""",
+)
 
 
-def band_kernel_sums(
-    rows: Sequence[Tensor],
-    cols: Sequence[Tensor] | None,
-    *,
-    kernel: str,
-    gammas: Sequence[float] | None,
-    pairs: Tensor,
-    centers: Sequence[Tensor] | None = None,
-    block_size: int | None = None,
-) -> KernelSums:
-    """kernel_sums by the band variant: one launch per cross pair, both tiles in shared memory."""
-    return _run("band", rows, cols, kernel, gammas, pairs, centers, block_size)
+band_kernel_sums = contract_entry(
+    "band_kernel_sums",
+    functools.partial(_run, "band"),
+    """kernel_sums by the band variant: one launch per cross pair, both tiles in shared memory.""",
+)
 
 
-def all_pairs_kernel_sums(
-    rows: Sequence[Tensor],
-    cols: Sequence[Tensor] | None,
-    *,
-    kernel: str,
-    gammas: Sequence[float] | None,
-    pairs: Tensor,
-    centers: Sequence[Tensor] | None = None,
-    block_size: int | None = None,
-) -> KernelSums:
+all_pairs_kernel_sums = contract_entry(
+    "all_pairs_kernel_sums",
+    functools.partial(_run, "all_pairs"),
     """kernel_sums by the all-pairs variant: below SLAB_MIN_WIDTH staged float64 tiles and one batched
-    L x L matmul, from it on the slab path."""
-    return _run("all_pairs", rows, cols, kernel, gammas, pairs, centers, block_size)
+    L x L matmul, from it on the slab path.""",
+)
 
 
-def slab_kernel_sums(
-    rows: Sequence[Tensor],
-    cols: Sequence[Tensor] | None,
-    *,
-    kernel: str,
-    gammas: Sequence[float] | None,
-    pairs: Tensor,
-    centers: Sequence[Tensor] | None = None,
-    block_size: int | None = None,
-) -> KernelSums:
+slab_kernel_sums = contract_entry(
+    "slab_kernel_sums",
+    functools.partial(_run, "slabs"),
     """kernel_sums by the slab path whatever the width: batched cuBLASLt Gram GEMMs and the CUDA
-    epilogue (block_size is checked, the slab is slabs.slab_size's choice)."""
-    return _run("slabs", rows, cols, kernel, gammas, pairs, centers, block_size)
+    epilogue (block_size is checked, the slab is slabs.slab_size's choice).""",
+)

@@ -42,7 +42,15 @@ import torch
 from torch import Tensor
 
 from slm_fast.errors import InputError
-from slm_fast.kernels import KernelSums, centred_stack, check_inputs, slabs, stacked_squared_norms, triton_slabs
+from slm_fast.kernels import (
+    KernelSums,
+    centred_stack,
+    check_inputs,
+    contract_entry,
+    slabs,
+    stacked_squared_norms,
+    triton_slabs,
+)
 from slm_fast.kernels.tiled import LOG2_E
 
 try:
@@ -912,77 +920,42 @@ def _run_cheaper(problem: _Problem, block: int) -> KernelSums:
     return _run_all_pairs(problem, block)
 
 
-def kernel_sums(
-    rows: Sequence[Tensor],
-    cols: Sequence[Tensor] | None,
-    *,
-    kernel: str,
-    gammas: Sequence[float] | None,
-    pairs: Tensor,
-    centers: Sequence[Tensor] | None = None,
-    block_size: int | None = None,
-) -> KernelSums:
+kernel_sums = contract_entry(
+    "kernel_sums",
+    functools.partial(_run, _run_cheaper),
     """The backend contract (slm_fast/kernels/__init__.py), by the variant computing fewer Gram tiles.
 
     block_size is the token tile B (16, 32, 64 or 128; default 128 on a GPU; the band variant caps
-    it at BAND_BLOCK_GPU = 64)."""
-    return _run(_run_cheaper, rows, cols, kernel, gammas, pairs, centers, block_size)
+    it at BAND_BLOCK_GPU = 64).""",
+)
 
 
-def band_kernel_sums(
-    rows: Sequence[Tensor],
-    cols: Sequence[Tensor] | None,
-    *,
-    kernel: str,
-    gammas: Sequence[float] | None,
-    pairs: Tensor,
-    centers: Sequence[Tensor] | None = None,
-    block_size: int | None = None,
-) -> KernelSums:
+band_kernel_sums = contract_entry(
+    "band_kernel_sums",
+    functools.partial(_run, _run_band),
     """kernel_sums by the band variant: one launch per cross pair, both tiles in registers (token tile
-    at most BAND_BLOCK_GPU)."""
-    return _run(_run_band, rows, cols, kernel, gammas, pairs, centers, block_size)
+    at most BAND_BLOCK_GPU).""",
+)
 
 
-def all_pairs_kernel_sums(
-    rows: Sequence[Tensor],
-    cols: Sequence[Tensor] | None,
-    *,
-    kernel: str,
-    gammas: Sequence[float] | None,
-    pairs: Tensor,
-    centers: Sequence[Tensor] | None = None,
-    block_size: int | None = None,
-) -> KernelSums:
+all_pairs_kernel_sums = contract_entry(
+    "all_pairs_kernel_sums",
+    functools.partial(_run, _run_all_pairs),
     """kernel_sums by the all-pairs variant for the width: the persistent kernel below SLAB_MIN_WIDTH,
-    vendor GEMM slabs with a Triton epilogue from it on."""
-    return _run(_run_all_pairs, rows, cols, kernel, gammas, pairs, centers, block_size)
+    vendor GEMM slabs with a Triton epilogue from it on.""",
+)
 
 
-def persistent_kernel_sums(
-    rows: Sequence[Tensor],
-    cols: Sequence[Tensor] | None,
-    *,
-    kernel: str,
-    gammas: Sequence[float] | None,
-    pairs: Tensor,
-    centers: Sequence[Tensor] | None = None,
-    block_size: int | None = None,
-) -> KernelSums:
-    """kernel_sums by the all-pairs persistent kernel (the choice below SLAB_MIN_WIDTH)."""
-    return _run(_run_persistent, rows, cols, kernel, gammas, pairs, centers, block_size)
+persistent_kernel_sums = contract_entry(
+    "persistent_kernel_sums",
+    functools.partial(_run, _run_persistent),
+    """kernel_sums by the all-pairs persistent kernel (the choice below SLAB_MIN_WIDTH).""",
+)
 
 
-def slab_kernel_sums(
-    rows: Sequence[Tensor],
-    cols: Sequence[Tensor] | None,
-    *,
-    kernel: str,
-    gammas: Sequence[float] | None,
-    pairs: Tensor,
-    centers: Sequence[Tensor] | None = None,
-    block_size: int | None = None,
-) -> KernelSums:
+slab_kernel_sums = contract_entry(
+    "slab_kernel_sums",
+    functools.partial(_run, _run_slabs),
     """kernel_sums by vendor GEMM slabs and the Triton epilogue (the choice from SLAB_MIN_WIDTH on);
-    block_size is checked but the slab size is triton_slabs' choice."""
-    return _run(_run_slabs, rows, cols, kernel, gammas, pairs, centers, block_size)
+    block_size is checked but the slab size is triton_slabs' choice.""",
+)
