@@ -23,7 +23,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import GB, BlockShape, evict_from_page_cache, run_child, slm_fast_command, write_synthetic_checkpoint
+from harness import (
+    GB,
+    BlockShape,
+    evict_from_page_cache,
+    run_checked,
+    slm_fast_command,
+    write_synthetic_checkpoint,
+)
 
 from slm_fast.evaluation.local_tasks import LOCAL_TASKS, write_local_configs
 
@@ -37,9 +44,7 @@ def ours(model: Path, limit: int, out: Path, *extra: str) -> tuple[dict, float, 
         "--threads", "1", "evaluate", str(model), "--tasks", "all", "--limit", str(limit), "--json", str(out),
         "--no-progress", *extra,
     )  # fmt: skip
-    run = run_child(command, env=THREADS)
-    if run.returncode != 0:
-        raise SystemExit(f"slm-fast evaluate failed:\n{run.output}")
+    run = run_checked(command, env=THREADS)
     return json.loads(out.read_text()), run.seconds, run.peak_rss_bytes
 
 
@@ -51,9 +56,7 @@ def harness_hf(model: Path, limit: int, workdir: Path) -> tuple[dict, float, int
         "--tasks", ",".join(LOCAL_TASKS), "--include_path", str(configs), "--limit", str(limit),
         "--batch_size", "16", "--output_path", str(workdir / "hf"),
     ]  # fmt: skip
-    run = run_child(command, env=THREADS)
-    if run.returncode != 0:
-        raise SystemExit(f"lm_eval failed:\n{run.output}")
+    run = run_checked(command, env=THREADS)
     (result,) = (workdir / "hf").rglob("results_*.json")
     return json.loads(result.read_text()), run.seconds, run.peak_rss_bytes
 

@@ -23,7 +23,7 @@ from harness import (
     disk_throughput,
     evict_from_page_cache,
     median,
-    run_child,
+    run_checked,
     slm_fast_command,
     write_synthetic_checkpoint,
 )
@@ -72,9 +72,7 @@ def main() -> None:
                     "--threads", "1", "merge", str(source), str(output), "--windows", windows,
                     "--rule", rule, "--overwrite", "--no-progress",
                 )  # fmt: skip
-                run = run_child(command)
-                if run.returncode != 0:
-                    raise SystemExit(f"merge failed:\n{run.output}")
+                run = run_checked(command)
                 runs.append(run)
             written = sum(p.stat().st_size for p in output.iterdir() if p.suffix == ".safetensors")
             read = bytes_read(reader, windows, rule)

@@ -31,7 +31,7 @@ from harness import (
     BlockShape,
     disk_throughput,
     evict_from_page_cache,
-    run_child,
+    run_checked,
     slm_fast_command,
     write_synthetic_checkpoint,
 )
@@ -60,9 +60,7 @@ def bench_smollm2(model: Path, workdir: Path, threshold: float) -> dict:
             "--threads", "1", "prune", str(model), str(output), "--preset", "reference",
             "--threshold", str(threshold), "--memory-budget", budget, "--overwrite", "--no-progress",
         )  # fmt: skip
-        run = run_child(command)
-        if run.returncode != 0:
-            raise SystemExit(f"prune failed:\n{run.output}")
+        run = run_checked(command)
         report = json.loads((output / "slm_report.json").read_text())
         rows[label] = {
             "seconds": run.seconds,
@@ -75,9 +73,7 @@ def bench_smollm2(model: Path, workdir: Path, threshold: float) -> dict:
     script = REFERENCE_CHILD.format(
         tests=str(TESTS), report=str(workdir / "smollm2-report.json"), model=str(model), threshold=threshold
     )
-    run = run_child([sys.executable, "-c", script])
-    if run.returncode != 0:
-        raise SystemExit(f"reference failed:\n{run.output}")
+    run = run_checked([sys.executable, "-c", script])
     windows = json.loads(run.output.strip().splitlines()[-1])
     rows["reference reimplementation (whole model, deepcopy)"] = {
         "seconds": run.seconds,
@@ -120,9 +116,7 @@ def bench_scale(block_counts: list[int], workdir: Path, tokenizer_from: Path, re
             "--samples", "2", "--seq-len", "64", "--memory-budget", budget, "--dtype", "bf16",
             "--overwrite", "--no-progress",
         )  # fmt: skip
-        run = run_child(command)
-        if run.returncode != 0:
-            raise SystemExit(f"prune failed:\n{run.output}")
+        run = run_checked(command)
         report = json.loads((output / "slm_report.json").read_text())
         read = report["blocks_loaded"] * block_gb * GB
         written = sum(p.stat().st_size for p in output.iterdir() if p.suffix == ".safetensors")

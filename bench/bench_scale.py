@@ -31,7 +31,14 @@ import sys
 from pathlib import Path
 
 import torch
-from harness import GB, BlockShape, evict_from_page_cache, run_child, slm_fast_command, write_synthetic_checkpoint
+from harness import (
+    GB,
+    BlockShape,
+    evict_from_page_cache,
+    run_checked,
+    slm_fast_command,
+    write_synthetic_checkpoint,
+)
 
 from slm_fast.budget import plan_memory
 from slm_fast.checkpoint.reader import CheckpointReader
@@ -70,9 +77,7 @@ def prune_row(source: Path, workdir: Path, samples: int, seq_len: int, remove: i
         "--samples", str(samples), "--seq-len", str(seq_len), "--memory-budget", str(budget),
         "--calib", "austen:emma", "--overwrite", "--no-progress",
     )  # fmt: skip
-    run = run_child(command)
-    if run.returncode != 0:
-        raise SystemExit(f"prune failed:\n{run.output}")
+    run = run_checked(command)
     report = json.loads((output / "slm_report.json").read_text())
     shutil.rmtree(output)
     cost = report["cost"]

@@ -149,6 +149,14 @@ def run_child(args: list[str], env: dict[str, str] | None = None) -> ChildRun:
     return ChildRun(seconds, usage.ru_maxrss * 1024, process.returncode, output)
 
 
+def run_checked(args: list[str], env: dict[str, str] | None = None) -> ChildRun:
+    """run_child, stopping the benchmark with the command and its output when it fails."""
+    run = run_child(args, env)
+    if run.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed (exit {run.returncode}):\n{run.output}")
+    return run
+
+
 def slm_fast_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "slm_fast", *args]
 

@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from harness import run_child, slm_fast_command
+from harness import run_checked, slm_fast_command
 
 from slm_fast.checkpoint.reader import CheckpointReader
 
@@ -73,9 +73,7 @@ def prune(model: Path, out: Path, remove: int, flags: list[str]) -> dict:
         "--threads", "1", "prune", str(model), str(out), "--remove", str(remove), "--overwrite", "--no-progress",
         *flags,
     )  # fmt: skip
-    run = run_child(command)
-    if run.returncode != 0:
-        raise SystemExit(f"prune failed: {' '.join(command)}\n{run.output}")
+    run = run_checked(command)
     report = json.loads((out / "slm_report.json").read_text())
     return {
         "seconds": run.seconds,
@@ -92,9 +90,7 @@ def evaluate(model: Path, flags: list[str], scratch: Path) -> dict:
     scratch.mkdir(parents=True, exist_ok=True)
     result_path = scratch / "eval.json"
     command = slm_fast_command("--threads", "1", "evaluate", str(model), "--json", str(result_path), "--no-progress")
-    run = run_child([*command, *flags])
-    if run.returncode != 0:
-        raise SystemExit(f"evaluate failed: {' '.join(command)}\n{run.output}")
+    run = run_checked([*command, *flags])
     result = json.loads(result_path.read_text())
     result["seconds"] = run.seconds
     return result

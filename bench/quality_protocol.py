@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import run_child, slm_fast_command
+from harness import run_checked, slm_fast_command
 
 VALIDATION = ("austen:mansfield_park", "lambada")
 HELD_OUT = ("austen:pride_and_prejudice", "boolq")
@@ -85,9 +85,7 @@ def prune(model: Path, out: Path, remove: int, flags: list[str]) -> dict:
             "--threads", "1", "prune", str(model), str(out), "--remove", str(remove), "--overwrite", "--no-progress",
             *flags,
         )  # fmt: skip
-        run = run_child(command)
-        if run.returncode != 0:
-            raise SystemExit(f"prune failed: {' '.join(command)}\n{run.output}")
+        run_checked(command)
     report = json.loads((out / "slm_report.json").read_text())
     timings = report["timings_s"]
     return {
@@ -191,9 +189,7 @@ def heal_model(pruned: Path, out: Path, mode: str, budget: dict) -> dict:
             "--batch-size", str(budget["batch_size"]), "--cutoff", str(budget["cutoff"]), "--corpus",
             budget["corpus"], "--overwrite", "--no-progress",
         )  # fmt: skip
-        run = run_child(command)
-        if run.returncode != 0:
-            raise SystemExit(f"heal failed: {' '.join(command)}\n{run.output}")
+        run_checked(command)
     report = json.loads((out / "heal_report.json").read_text())
     losses = report["losses"]
     options = report["options"]
@@ -227,9 +223,7 @@ def zero_shot(model: Path, results: dict, save) -> None:
                 "--threads", "1", "evaluate", str(model), "--tasks", task, "--limit", limit, "--json", str(path),
                 "--no-progress",
             )  # fmt: skip
-            run = run_child(command)
-            if run.returncode != 0:
-                raise SystemExit(f"evaluate failed: {' '.join(command)}\n{run.output}")
+            run = run_checked(command)
             report = json.loads(path.read_text())
         record = report["zero_shot"]["tasks"][task]
         results[task] = record | {"seconds": run.seconds, "lm_eval": report["run"].get("lm_eval_version")}
