@@ -98,6 +98,11 @@ class PruneOptions:
         """SLEB ranks removals by calibration perplexity; every other method by `criterion`."""
         return "ppl" if self.method == "sleb" else self.criterion
 
+    @property
+    def scorer_settings(self) -> dict:
+        """How candidates are built and scored: the CandidateScorer keywords these options decide."""
+        return {"criterion": self.scoring_criterion, "rule": self.merge_rule, "average_settings": self.average_settings}
+
     def validated(self) -> PruneOptions:
         targets = [t for t in (self.threshold, self.remove, self.ratio) if t is not None]
         if len(targets) != 1:
@@ -247,9 +252,7 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
             runner,
             cache,
             reference,
-            criterion=options.scoring_criterion,
-            rule=options.merge_rule,
-            average_settings=options.average_settings,
+            **options.scorer_settings,
             on_evaluated=bar.update,
             on_scored=journal.record,
             states=plan_states,
