@@ -23,6 +23,7 @@ hidden_states, whose last entry is after the final norm; that differs only for t
 from __future__ import annotations
 
 import math
+import time
 
 from slm_fast.errors import InputError
 from slm_fast.runtime.cache import HiddenStateCache
@@ -101,12 +102,15 @@ def laco_search(
 def sleb_search(scorer: CandidateScorer, num_blocks: int, remove: int) -> SearchResult:
     """SLEB's greedy loop; `scorer` must score by the ppl criterion (minus calibration log-perplexity).
     Returns the dropped blocks as one-block windows in removal order, every candidate scored (the
-    similarity is minus the log-perplexity of the model with that block also removed)."""
+    similarity is minus the log-perplexity of the model with that block also removed). The greedy loop
+    is nested: the first k steps of a run to n > k blocks are the run to k, so `step_seconds` (search
+    seconds elapsed at the end of each step) gives every smaller removal's search time as well."""
     if scorer.criterion != "ppl":
         raise ValueError(f"SLEB ranks removals by perplexity, not by {scorer.criterion}")
     _check_count(remove, max(num_blocks - 2, 0))
     dropped: list[int] = []
     result = SearchResult(threshold=None, windows=[])
+    start = time.perf_counter()
     for step in range(1, remove + 1):
         candidates = [b for b in range(1, num_blocks - 1) if b not in dropped]
         scores = scorer.score_plans([output_blocks([], num_blocks, [*dropped, b]) for b in candidates])
@@ -116,6 +120,7 @@ def sleb_search(scorer: CandidateScorer, num_blocks: int, remove: int) -> Search
             result.candidates.append(Candidate(block, block, score, index == best, note))
         dropped.append(candidates[best])
         result.similarity = scores[best]
+        result.step_seconds.append(time.perf_counter() - start)
     result.windows = [(b, b) for b in dropped]
     return result
 

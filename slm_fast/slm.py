@@ -53,6 +53,7 @@ class SearchResult:
     windows: list[Window]  # in commit order (top first; sorted for best-first)
     candidates: list[Candidate] = field(default_factory=list)
     similarity: float | None = None  # of the final model (all windows merged); None if none was
+    step_seconds: list[float] = field(default_factory=list)  # elapsed at each step's end, where recorded
 
     @property
     def blocks_removed(self) -> int:
@@ -65,7 +66,7 @@ class SearchResult:
             "blocks_removed": self.blocks_removed,
             "similarity": self.similarity,
             "candidates": [asdict(c) for c in self.candidates],
-        }
+        } | ({"step_seconds": self.step_seconds} if self.step_seconds else {})
 
 
 def window_block(window: Window, rule: str, reader: CheckpointReader, average_settings: str = "low") -> BlockSpec:

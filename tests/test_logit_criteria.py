@@ -84,6 +84,14 @@ def test_sleb_matches_the_whole_model_loop(setup):
     assert -result.similarity == pytest.approx(whole_nll(without_blocks(model, order), IDS), abs=TOL)
 
 
+def test_sleb_runs_are_nested(setup):
+    """The quality protocol derives SLEB at k blocks from a run to n > k: the greedy steps must agree."""
+    short, long = (baselines.sleb_search(scorer_for(setup, "ppl"), 8, n) for n in (2, 4))
+    assert long.windows[:2] == short.windows
+    assert len(long.step_seconds) == 4 and long.step_seconds == sorted(long.step_seconds)
+    assert long.to_json()["step_seconds"] == long.step_seconds
+
+
 def test_sleb_needs_the_ppl_scorer(setup):
     with pytest.raises(ValueError, match="perplexity"):
         baselines.sleb_search(scorer_for(setup, "cosine"), 8, 2)
