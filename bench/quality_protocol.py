@@ -15,6 +15,10 @@ deterministic, so `prune --compensate linear` would choose the same; the bench c
 writes exactly as prune does (slm_fast.compensate.fit_linear, export with the fold) and reports the
 base row's calibration + search seconds plus the compensation's and the write's.
 
+A "sleb" row at fewer blocks than a recorded SLEB run is that run's first steps (SLEB is greedy, so
+its steps are nested): the selection is written without searching, with that run's setup and
+calibration seconds plus its search seconds at the end of the step (sleb_prefix).
+
 A "+lora" / "+partial" row heals that configuration's pruned model with `slm-fast heal` on a budget
 given once for all rows (--heal-steps, --heal-batch-size, --heal-cutoff, --heal-corpus: never a
 validation or held-out text) and records it. When that pruned model is gone but its row is recorded,
@@ -47,6 +51,7 @@ from harness import run_checked, slm_fast_command
 VALIDATION = ("austen:mansfield_park", "lambada")
 HELD_OUT = ("austen:pride_and_prejudice", "boolq")
 SEQ_LEN = 512
+SELECTION_FILE = "protocol_selection.json"  # beside a pruned model the protocol wrote without `prune`
 COMPENSATE = ["--compensate", "linear"]
 # "+comp" uses the default ridge (1, chosen on validation: the "ridge" rows); "+comp ridge R" another.
 CONFIGS: dict[str, list[str]] = {
@@ -88,14 +93,66 @@ def prune(model: Path, out: Path, remove: int, flags: list[str]) -> dict:
         run_checked(command)
     report = json.loads((out / "slm_report.json").read_text())
     timings = report["timings_s"]
-    return {
+    record = {
         "seconds": sum(timings.values()),
         "timings": timings,
         "windows": report["windows"],
         "dropped": report["dropped"],
         "rule": report["rule"],
         "compensation": report.get("compensation"),
+        "options": report["options"],
     }
+    if "sleb" in report:  # what sleb_prefix needs to derive every smaller removal
+        record["sleb"] = {k: report["sleb"][k] for k in ("removal_order", "step_seconds") if k in report["sleb"]}
+    return record
+
+
+def sleb_prefix(model: Path, longer: dict, remove: int, out: Path) -> dict:
+    """SLEB at `remove` blocks from the "prune" record of a SLEB run to more blocks: the greedy steps
+    are nested (tests/test_logit_criteria.py::test_sleb_runs_are_nested), so a run to `remove` drops
+    the first `remove` blocks of the longer run's removal order, and would have taken its setup and
+    calibration plus the search seconds at the end of step `remove`. Written to `out` without
+    searching (with a protocol_selection.json that +comp reads like a prune report)."""
+    from slm_fast.export import export_merged_checkpoint
+
+    dropped = sorted(longer["sleb"]["removal_order"][:remove])
+    tick = time.perf_counter()
+    export_merged_checkpoint(model, out, [], dropped=dropped, rule=longer["rule"], overwrite=True, progress=False)
+    write = time.perf_counter() - tick
+    before_search = {k: v for k, v in longer["timings"].items() if k not in ("search", "write", "compensate")}
+    timings = before_search | {"search": longer["sleb"]["step_seconds"][remove - 1], "write": write}
+    info = {
+        "seconds": sum(timings.values()),
+        "timings": timings,
+        "windows": [],
+        "dropped": dropped,
+        "rule": longer["rule"],
+        "compensation": None,
+        "options": longer["options"] | {"remove": remove},
+        "prefix_of": len(longer["sleb"]["removal_order"]),
+    }
+    (out / SELECTION_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def longer_sleb(results: dict, remove: int) -> dict | None:
+    """The "prune" record of the shortest recorded SLEB run to more than `remove` blocks that recorded
+    its removal order and step seconds, if any."""
+    runs = sorted(
+        (int(key.split("/")[0]), row["prune"])
+        for key, row in results.items()
+        if key.endswith("/sleb") and "step_seconds" in row.get("prune", {}).get("sleb", {})
+    )
+    return next((record for removed, record in runs if removed > remove), None)
+
+
+def base_selection(folder: Path) -> dict:
+    """The selection a pruned folder holds (options, windows, dropped, rule, timings): its prune report,
+    or the protocol_selection.json of a selection the protocol derived."""
+    if (folder / "slm_report.json").is_file():
+        report = json.loads((folder / "slm_report.json").read_text())
+        return {k: report[k] for k in ("options", "windows", "dropped", "rule")} | {"timings": report["timings_s"]}
+    return json.loads((folder / SELECTION_FILE).read_text())
 
 
 def compensate_selection(model: Path, base: Path, out: Path, flags: list[str]) -> dict:
@@ -109,7 +166,7 @@ def compensate_selection(model: Path, base: Path, out: Path, flags: list[str]) -
     from slm_fast.runtime.stream import BlockRunner, calibrate
     from slm_fast.windows import output_blocks
 
-    report = json.loads((base / "slm_report.json").read_text())
+    report = base_selection(base)
     options = PruneOptions(**report["options"])
     if "--compensate-ridge" in flags:
         options.compensate_ridge = float(flags[flags.index("--compensate-ridge") + 1])
@@ -127,7 +184,7 @@ def compensate_selection(model: Path, base: Path, out: Path, flags: list[str]) -
                              progress=False, block_transform=fitted.fold)  # fmt: skip
     write = time.perf_counter() - tick
     # The base run's setup, calibration and search, then this fit and write.
-    timings = {k: v for k, v in report["timings_s"].items() if k != "write"} | {"compensate": seconds, "write": write}
+    timings = {k: v for k, v in report["timings"].items() if k != "write"} | {"compensate": seconds, "write": write}
     return {
         "seconds": sum(timings.values()),
         "timings": timings,
@@ -318,6 +375,8 @@ def main() -> None:
                     base = _outdir(args.workdir, remove, base_name)
                     row = {"prune": pruned_model(args.model, base, results, remove, base_name)}
                     row["heal"] = heal_model(base, out, mode, budget)
+                elif name == "sleb" and not _pruned(out) and (longer := longer_sleb(results, remove)):
+                    row = {"prune": sleb_prefix(args.model, longer, remove, out)}
                 elif "+comp" in name and _pruned(uncompensated) and not out.exists():
                     row = {"prune": compensate_selection(args.model, uncompensated, out, CONFIGS[name])}
                 else:
@@ -342,7 +401,7 @@ def pruned_model(model: Path, out: Path, results: dict, remove: int, name: str) 
     """The pruned model of configuration `name` in `out`, and its "prune" record: reused if there,
     else re-created from the recorded row's selection when one exists, else pruned."""
     recorded = results.get(f"{remove}/{name}", {})
-    marker = out / "protocol_selection.json"
+    marker = out / SELECTION_FILE
     if (out / "slm_report.json").is_file() or "prune" not in recorded or recorded["prune"].get("compensation"):
         return prune(model, out, remove, CONFIGS[name])
     if not marker.is_file():
@@ -352,7 +411,11 @@ def pruned_model(model: Path, out: Path, results: dict, remove: int, name: str) 
 
 
 def _pruned(folder: Path) -> bool:
-    return (folder / "slm_report.json").is_file()
+    """Whether `folder` holds a pruned model whose selection base_selection reads."""
+    if (folder / "slm_report.json").is_file():
+        return True
+    marker = folder / SELECTION_FILE
+    return marker.is_file() and "options" in json.loads(marker.read_text())
 
 
 def _heal_mode(name: str) -> str | None:
@@ -502,6 +565,8 @@ def _row(name: str, row: dict, mark: str) -> str:
     selection = "" if info is None else _selection(info)
     if info is not None and info.get("derived_from"):
         mark = " ".join(filter(None, [mark, "(selection of the row without comp)"]))
+    if info is not None and info.get("prefix_of"):
+        mark = " ".join(filter(None, [mark, f"(first steps of the {info['prefix_of']}-block run)"]))
     if info is not None and info.get("recorded"):
         mark = " ".join(filter(None, [mark, "(recorded selection)"]))
     val = f"{validation_score(row):.4f}"

@@ -1,11 +1,13 @@
 """bench/quality_protocol.py's own paths on a tiny model: re-writing a recorded selection (and refusing
-one that is not the recorded model), the merge rule of a configuration, and a healed row's budget."""
+one that is not the recorded model), SLEB at fewer blocks from a longer run, the merge rule of a
+configuration, and a healed row's budget."""
 
 import json
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from tiny_models import save_tiny_checkpoint, save_tiny_tokenizer, write_word_corpus
 
@@ -63,3 +65,25 @@ def test_healed_row_records_its_budget(pruned, tmp_path):
     report = json.loads((tmp_path / "healed" / "heal_report.json").read_text())
     assert report["mode"] == "partial" and len(report["losses"]) == 3
     assert protocol._heal_mode("sleb+lora") == "lora" and protocol._heal_mode("sleb+comp") is None
+
+
+def test_sleb_prefix_is_the_shorter_run(pruned, tmp_path):
+    """SLEB to 2 blocks derived from a run to 3 writes the model `prune --method sleb --remove 2`
+    writes, and compensating it gives `--compensate linear`'s weights."""
+    model, root, _, _ = pruned
+    options = json.loads((root / "pruned" / "slm_report.json").read_text())["options"] | {"method": "sleb"}
+    prune(model, tmp_path / "three", PruneOptions(**options | {"remove": 3}))
+    longer = protocol.prune(model, tmp_path / "three", 3, [])
+    assert protocol.longer_sleb({"3/sleb": {"prune": longer}}, 2) is longer
+    assert protocol.longer_sleb({"3/sleb": {"prune": longer}}, 3) is None
+    info = protocol.sleb_prefix(model, longer, 2, tmp_path / "derived")
+    assert info["timings"]["search"] == longer["sleb"]["step_seconds"][1] < longer["timings"]["search"]
+    assert protocol._pruned(tmp_path / "derived")
+    for flags, name in (([], "plain"), (["--compensate", "linear"], "comp")):
+        compensate = {"compensate": "linear"} if flags else {}
+        prune(model, tmp_path / name, PruneOptions(**options | {"remove": 2} | compensate))
+        if flags:
+            protocol.compensate_selection(model, tmp_path / "derived", tmp_path / "derived_comp", flags)
+        want = load_file(tmp_path / name / "model.safetensors")
+        got = load_file(tmp_path / ("derived_comp" if flags else "derived") / "model.safetensors")
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
