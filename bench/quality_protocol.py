@@ -21,8 +21,9 @@ calibration seconds plus its search seconds at the end of the step (sleb_prefix)
 
 A "+lora" / "+partial" row heals that configuration's pruned model with `slm-fast heal` on a budget
 given once for all rows (--heal-steps, --heal-batch-size, --heal-cutoff, --heal-corpus: never a
-validation or held-out text) and records it. When that pruned model is gone but its row is recorded,
-the recorded selection is written again (no search) and checked against the row's validation NLLs.
+validation or held-out text) and records it. When a recorded row's pruned model is gone (a healed
+row's base, a zero-shot row), it is re-created without searching (restore_model: the recorded
+selection, a SLEB prefix, a compensation fitted again) and checked against the row's validation NLLs.
 `--zero-shot ROW ...` scores rows on the seven tasks through `slm-fast evaluate` (ARC-c, OBQA,
 WinoGrande whole; the others on 500 documents), one task per run, with the harness's standard errors.
 
@@ -39,6 +40,7 @@ interrupted run resumes), pruned models in --workdir (an existing OUT with slm_r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -73,7 +75,7 @@ CONFIGS: dict[str, list[str]] = {
 }
 # "<config>+lora" / "<config>+partial": that configuration's pruned model healed by `slm-fast heal`.
 HEALS = {"lora": "--lora", "partial": "--partial"}
-HEALED_BASES = ("default", "sleb", "shortgpt")
+HEALED_BASES = ("default", "sleb", "shortgpt", "default+comp", "sleb+comp")
 CONFIGS |= {f"{base}+{mode}": CONFIGS[base] for base in HEALED_BASES for mode in HEALS}
 # Texts a healing corpus must not be: the protocol's validation and held-out corpora.
 NOT_FOR_HEALING = {"austen", "austen:mansfield_park", "austen:pride_and_prejudice", "lambada", "boolq"}
@@ -195,36 +197,37 @@ def compensate_selection(model: Path, base: Path, out: Path, flags: list[str]) -
     }
 
 
-def config_rule(flags: list[str]) -> str:
-    """The merge rule `prune` applies for a configuration's flags (what slm_report.json records as "rule")."""
+def config_options(flags: list[str], remove: int | None = None):
+    """The PruneOptions `prune --remove N` runs with for a configuration's flags (method, preset rule,
+    rule; calibration and everything else at the defaults, as every configuration here uses)."""
     from slm_fast.prune import REFERENCE_PRESET, PruneOptions
 
-    options = PruneOptions()
+    options = PruneOptions(remove=remove)
     if "--method" in flags:
         options.method = flags[flags.index("--method") + 1]
     if "--preset" in flags and flags[flags.index("--preset") + 1] == "reference":
         options.rule = REFERENCE_PRESET["rule"]
     if "--rule" in flags:
         options.rule = flags[flags.index("--rule") + 1]
-    return options.merge_rule
+    return options
+
+
+def config_rule(flags: list[str]) -> str:
+    """The merge rule `prune` applies for a configuration's flags (what slm_report.json records as "rule")."""
+    return config_options(flags).merge_rule
 
 
 def write_recorded_selection(model: Path, recorded: dict, rule: str, out: Path, check: dict[str, list[float]]) -> dict:
     """Write the selection of a measured row (its "prune" record: windows, dropped) to `out` without
-    searching again, and check that it is that row's model: the NLLs of the first batch (4 windows)
-    of each validation corpus must equal the recorded ones, being the same computation on the same
-    batch (1e-6 nats allows only for summation order; another selection differs by far more). The row
-    keeps the recorded calibration and search seconds; the write's replace the recorded write's."""
+    searching again, checked to be that row's model (check_recorded). The row keeps the recorded
+    calibration and search seconds; the write's replace the recorded write's."""
     from slm_fast.export import export_merged_checkpoint
 
     windows, dropped = [tuple(w) for w in recorded["windows"]], recorded["dropped"]
     tick = time.perf_counter()
     export_merged_checkpoint(model, out, windows, dropped=dropped, rule=rule, overwrite=True, progress=False)
     write = time.perf_counter() - tick
-    for corpus in VALIDATION:
-        first = window_nlls(out, corpus, 4)
-        if max(abs(a - b) for a, b in zip(first, check[corpus][:4], strict=True)) > 1e-6:
-            raise SystemExit(f"{out}: {corpus} window NLLs {first} differ from the recorded {check[corpus][:4]}")
+    check_recorded(out, check)
     timings = {k: v for k, v in recorded["timings"].items() if k != "write"} | {"write": write}
     return {
         "seconds": sum(timings.values()),
@@ -235,6 +238,41 @@ def write_recorded_selection(model: Path, recorded: dict, rule: str, out: Path, 
         "compensation": None,
         "recorded": True,  # the selection (and its search seconds) of the recorded row; checked as above
     }
+
+
+def check_recorded(out: Path, check: dict[str, list[float]]) -> None:
+    """That the model in `out` is the recorded row's: the NLLs of the first batch (4 windows) of each
+    validation corpus must equal the recorded ones, being the same computation on the same batch
+    (1e-6 nats allows only for summation order; another selection or fit differs by far more)."""
+    for corpus in VALIDATION:
+        first = window_nlls(out, corpus, 4)
+        if max(abs(a - b) for a, b in zip(first, check[corpus][:4], strict=True)) > 1e-6:
+            raise SystemExit(f"{out}: {corpus} window NLLs {first} differ from the recorded {check[corpus][:4]}")
+
+
+def restore_model(model: Path, workdir: Path, results: dict, key: str) -> Path:
+    """The pruned model of the recorded row `key` ("6/sleb+comp") in `workdir`, re-created without
+    searching when it is gone: a +comp row by fitting again on its restored base selection, a SLEB row
+    as the first steps of a longer recorded run, any other from its recorded selection; each checked
+    against the row's recorded validation NLLs (check_recorded)."""
+    remove, name = key.split("/", 1)
+    out = _outdir(workdir, remove, name)
+    if (out / "config.json").is_file():
+        return out
+    row = results[key]
+    base_name = name.split("+comp")[0]
+    if base_name != name:
+        base = restore_model(model, workdir, results, f"{remove}/{base_name}")
+        compensate_selection(model, base, out, CONFIGS[name])
+        check_recorded(out, row["nll"])
+    elif name == "sleb" and (longer := longer_sleb(results, int(remove))):
+        sleb_prefix(model, longer, int(remove), out)
+        check_recorded(out, row["nll"])
+    else:
+        info = write_recorded_selection(model, row["prune"], config_rule(CONFIGS[name]), out, row["nll"])
+        options = row["prune"].get("options") or dataclasses.asdict(config_options(CONFIGS[name], int(remove)))
+        (out / SELECTION_FILE).write_text(json.dumps(info | {"options": options}, indent=1) + "\n")
+    return out
 
 
 def heal_model(pruned: Path, out: Path, mode: str, budget: dict) -> dict:
@@ -372,9 +410,8 @@ def main() -> None:
                 uncompensated = _outdir(args.workdir, remove, name.split("+comp")[0])
                 if mode is not None:
                     base_name = name.rsplit("+", 1)[0]
-                    base = _outdir(args.workdir, remove, base_name)
-                    row = {"prune": pruned_model(args.model, base, results, remove, base_name)}
-                    row["heal"] = heal_model(base, out, mode, budget)
+                    row = {"prune": pruned_model(args.model, args.workdir, results, remove, base_name)}
+                    row["heal"] = heal_model(_outdir(args.workdir, remove, base_name), out, mode, budget)
                 elif name == "sleb" and not _pruned(out) and (longer := longer_sleb(results, remove)):
                     row = {"prune": sleb_prefix(args.model, longer, remove, out)}
                 elif "+comp" in name and _pruned(uncompensated) and not out.exists():
@@ -388,26 +425,21 @@ def main() -> None:
         for key in args.zero_shot:
             if key not in results:
                 raise SystemExit(f"--zero-shot {key}: no such row in {args.results}")
-            model = args.model if key == "dense" else _outdir(args.workdir, *key.split("/", 1))
-            if not (model / "config.json").is_file():
-                raise SystemExit(f"--zero-shot {key}: its model {model} is not in --workdir")
+            model = args.model if key == "dense" else restore_model(args.model, args.workdir, results, key)
             print(f"zero-shot {key}", flush=True)
             zero_shot(model, results[key].setdefault("zero_shot", {}), save)
     args.out.write_text(markdown(results, args))
     print(args.out.read_text())
 
 
-def pruned_model(model: Path, out: Path, results: dict, remove: int, name: str) -> dict:
-    """The pruned model of configuration `name` in `out`, and its "prune" record: reused if there,
-    else re-created from the recorded row's selection when one exists, else pruned."""
-    recorded = results.get(f"{remove}/{name}", {})
-    marker = out / SELECTION_FILE
-    if (out / "slm_report.json").is_file() or "prune" not in recorded or recorded["prune"].get("compensation"):
+def pruned_model(model: Path, workdir: Path, results: dict, remove: int, name: str) -> dict:
+    """The pruned model of configuration `name` (in workdir), and its "prune" record: reused if there,
+    re-created when its row is recorded (restore_model: the recorded record, marked so), else pruned."""
+    out, key = _outdir(workdir, remove, name), f"{remove}/{name}"
+    if (out / "slm_report.json").is_file() or "nll" not in results.get(key, {}):
         return prune(model, out, remove, CONFIGS[name])
-    if not marker.is_file():
-        info = write_recorded_selection(model, recorded["prune"], config_rule(CONFIGS[name]), out, recorded["nll"])
-        marker.write_text(json.dumps(info, indent=1) + "\n")
-    return json.loads(marker.read_text())
+    restore_model(model, workdir, results, key)
+    return results[key]["prune"] | {"recorded": True}
 
 
 def _pruned(folder: Path) -> bool:

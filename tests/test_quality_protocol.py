@@ -87,3 +87,21 @@ def test_sleb_prefix_is_the_shorter_run(pruned, tmp_path):
         want = load_file(tmp_path / name / "model.safetensors")
         got = load_file(tmp_path / ("derived_comp" if flags else "derived") / "model.safetensors")
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+
+
+def test_a_compensated_row_is_restored_from_its_record(pruned, tmp_path):
+    """A +comp row whose models are gone comes back from the recorded selection with the same fit."""
+    model, root, recorded, nll = pruned
+    flags = protocol.CONFIGS["default+comp"]
+    work = tmp_path / "work"
+    protocol.compensate_selection(model, root / "pruned", tmp_path / "fitted", flags)
+    fitted_nll = {corpus: protocol.window_nlls(tmp_path / "fitted", corpus, 4) for corpus in protocol.VALIDATION}
+    results = {"2/default": {"prune": recorded, "nll": nll}, "2/default+comp": {"prune": {}, "nll": fitted_nll}}
+    out = protocol.restore_model(model, work, results, "2/default+comp")
+    assert out == work / "2-default+comp" and (work / "2-default" / protocol.SELECTION_FILE).is_file()
+    want, got = load_file(tmp_path / "fitted" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert protocol.restore_model(model, work, results, "2/default+comp") == out  # there: reused
+    wrong = {"2/default": results["2/default"], "2/default+comp": {"prune": {}, "nll": nll}}
+    with pytest.raises(SystemExit, match="differ from the recorded"):
+        protocol.restore_model(model, tmp_path / "other", wrong, "2/default+comp")
