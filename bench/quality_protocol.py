@@ -363,6 +363,11 @@ def score(model: Path, windows: int) -> dict[str, list[float]]:
     return {corpus: window_nlls(model, corpus, windows) for corpus in VALIDATION + HELD_OUT}
 
 
+def validation_windows(row: dict) -> list[float]:
+    """A row's validation NLL per window: the mean over the validation corpora of that window's NLL."""
+    return [statistics.fmean(values) for values in zip(*(row["nll"][c] for c in VALIDATION), strict=True)]
+
+
 def validation_score(row: dict) -> float:
     return statistics.fmean(statistics.fmean(row["nll"][c]) for c in VALIDATION)
 
@@ -518,13 +523,9 @@ def _validation_margin(results: dict, remove: int) -> str:
     chosen = _chosen(results, remove)
     others = [k for k in _keys(results, remove) if "heal" not in results[k] and k != chosen]
     runners = sorted(others, key=lambda k: validation_score(results[k]))[:2]
-
-    def per_window(key: str) -> list[float]:
-        return [statistics.fmean(values) for values in zip(*(results[key]["nll"][c] for c in VALIDATION), strict=True)]
-
     parts = []
     for key in runners:
-        mean, se = paired(per_window(chosen), per_window(key))
+        mean, se = paired(validation_windows(results[chosen]), validation_windows(results[key]))
         parts.append(f"vs {key.split('/', 1)[1]} {mean:+.4f} ± {se:.4f}")
     return f"Validation margin of the choice (paired per window, nats): {chosen.split('/', 1)[1]} " + "; ".join(parts)
 
