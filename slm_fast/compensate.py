@@ -11,10 +11,12 @@ hidden state at the boundary the next output block expects. The ridge pulls T to
 correction), lam = ridge * trace(M^T M) / d. T is folded into the down projection, W' = T^T W, so the
 result is a standard checkpoint of the same architecture.
 
-Out of core: one bottom-up sweep over the output blocks (each built once from the reader), the
-calibration tokens in chunks; the normal equations M^T M and M^T R (d x d) accumulate in float64 and
-are solved in float64. Only architectures whose block output is `residual + mlp(...)` with an
-`mlp.down_proj` qualify (not Gemma's post-feedforward norm).
+Out of core: one bottom-up sweep over the output blocks (each built once from the reader), one chunk
+of calibration samples at a time (the cache's chunks; the pruned model's running state of each chunk is
+kept in the cache's tiered store, so it is held, spilled and counted like the calibration states); the
+normal equations M^T M and M^T R (d x d) accumulate in float64 and are solved in float64. Only
+architectures whose block output is `residual + mlp(...)` with an `mlp.down_proj` qualify (not
+Gemma's post-feedforward norm).
 """
 
 from __future__ import annotations
@@ -122,24 +124,52 @@ def fit_linear(
     if not targets:
         return Compensation(maps, fits, skipped)
     start = min(targets)
-    hidden = cache.get(plan[start][0])
+    states = _PrunedStates(cache, plan[start][0])
     bar = tqdm(total=len(targets), desc="compensating", unit="span", disable=not progress)
-    for position in range(start, max(targets) + 1):
-        window = plan[position]
-        spec = window_block(window, rule, runner.reader, average_settings)
-        block = runner.block(spec)
-        if position in targets:
-            _check_block(block, window)
-            transform, fit = _fit_block(runner, block, spec.layer_index, hidden, cache.get(targets[position]), ridge)
-            maps[position] = transform.float()
-            fits.append(SpanFit(position, window, targets[position], **fit))
-            block = copy.deepcopy(block)
-            with torch.no_grad():
-                block.mlp.down_proj.weight.copy_(fold_down_proj(block.mlp.down_proj.weight, transform))
-            bar.update()
-        hidden = runner.apply(block, spec.layer_index, hidden)
-    bar.close()
+    try:
+        for position in range(start, max(targets) + 1):
+            window = plan[position]
+            spec = window_block(window, rule, runner.reader, average_settings)
+            block = runner.block(spec)
+            if position in targets:
+                _check_block(block, window)
+                transform, fit = _fit_block(runner, block, spec.layer_index, states, cache, targets[position], ridge)
+                maps[position] = transform.float()
+                fits.append(SpanFit(position, window, targets[position], **fit))
+                block = copy.deepcopy(block)
+                with torch.no_grad():
+                    block.mlp.down_proj.weight.copy_(fold_down_proj(block.mlp.down_proj.weight, transform))
+                bar.update()
+            for chunk in states.chunks:
+                states.put(chunk, runner.apply(block, spec.layer_index, states.get(chunk)))
+    finally:
+        states.close()
+        bar.close()
     return Compensation(maps, fits, skipped)
+
+
+class _PrunedStates:
+    """The pruned model's hidden state per chunk of calibration samples as the sweep climbs: at first
+    the cached original boundary it starts from, then each chunk's own output, kept in the cache's
+    tiered store (under keys of its own) so that it never needs all chunks at once."""
+
+    def __init__(self, cache: HiddenStateCache, boundary: int):
+        self.cache, self.boundary = cache, boundary
+        self.chunks = range(max(1, len(cache.chunks)))
+        self._own: set[int] = set()
+
+    def get(self, chunk: int) -> Tensor:
+        if chunk in self._own:
+            return self.cache.store.get(("compensate", chunk))
+        return self.cache.get_chunk(self.boundary, chunk)
+
+    def put(self, chunk: int, hidden: Tensor) -> None:
+        self.cache.store.put(("compensate", chunk), hidden)
+        self._own.add(chunk)
+
+    def close(self) -> None:
+        for chunk in self._own:
+            self.cache.store.discard(("compensate", chunk))
 
 
 def _check_block(block: nn.Module, window: Window) -> None:
@@ -152,35 +182,47 @@ def _check_block(block: nn.Module, window: Window) -> None:
 
 
 def _fit_block(
-    runner: BlockRunner, block: nn.Module, source_index: int, hidden: Tensor, target: Tensor, ridge: float
+    runner: BlockRunner,
+    block: nn.Module,
+    source_index: int,
+    states: _PrunedStates,
+    cache: HiddenStateCache,
+    target_boundary: int,
+    ridge: float,
 ) -> tuple[Tensor, dict]:
-    """Accumulate M^T M, M^T R over chunks of samples and solve for T (float64)."""
-    d = hidden.shape[-1]
-    gram = torch.zeros(d, d, dtype=torch.float64)
-    cross = torch.zeros(d, d, dtype=torch.float64)
+    """Accumulate M^T M, M^T R over the chunks (each in pieces of TOKENS_PER_CHUNK tokens) and solve
+    for T (float64)."""
+    gram = cross = None
     energy = torch.zeros((), dtype=torch.float64)  # ||R||^2
     untouched = torch.zeros((), dtype=torch.float64)  # ||R - M||^2 (T = I)
+    tokens = 0
     mlp_outputs: list[Tensor] = []
     hook = block.mlp.register_forward_hook(lambda module, args, output: mlp_outputs.append(output))
-    step = max(1, TOKENS_PER_CHUNK // hidden.shape[1])
     try:
-        for start in range(0, hidden.shape[0], step):
-            mlp_outputs.clear()
-            output = runner.apply(block, source_index, hidden[start : start + step])
-            m = torch.cat(mlp_outputs).reshape(-1, d).double().cpu()
-            residual = (target[start : start + step].reshape(-1, d).double().cpu()) - (
-                output.reshape(-1, d).double().cpu() - m
-            )
-            gram += m.T @ m
-            cross += m.T @ residual
-            energy += residual.square().sum()
-            untouched += (residual - m).square().sum()
+        for chunk in states.chunks:
+            hidden, target = states.get(chunk), cache.get_chunk(target_boundary, chunk)
+            d = hidden.shape[-1]
+            if gram is None:
+                gram = torch.zeros(d, d, dtype=torch.float64)
+                cross = torch.zeros(d, d, dtype=torch.float64)
+            step = max(1, TOKENS_PER_CHUNK // hidden.shape[1])
+            for start in range(0, hidden.shape[0], step):
+                mlp_outputs.clear()
+                output = runner.apply(block, source_index, hidden[start : start + step])
+                m = torch.cat(mlp_outputs).reshape(-1, d).double().cpu()
+                residual = (target[start : start + step].reshape(-1, d).double().cpu()) - (
+                    output.reshape(-1, d).double().cpu() - m
+                )
+                gram += m.T @ m
+                cross += m.T @ residual
+                energy += residual.square().sum()
+                untouched += (residual - m).square().sum()
+            tokens += hidden.shape[0] * hidden.shape[1]
     finally:
         hook.remove()
     transform = solve_ridge(gram, cross, ridge)
     # ||R - M T||^2 = ||R||^2 - 2 tr(T^T M^T R) + tr(T^T M^T M T), from the accumulated sums
     after = energy - 2 * (transform * cross).sum() + (transform * (gram @ transform)).sum()
-    tokens = hidden.shape[0] * hidden.shape[1]
     fit = {
         "tokens": tokens,
         "relative_error_before": (untouched / energy).item(),

@@ -73,14 +73,18 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("micro_batch", [None, 3], ids=["one-chunk", "chunks-of-3"])
 @pytest.mark.parametrize(("windows", "dropped", "rule"), CASES)
-def test_linear_compensation_matches_a_dense_solve(source, tmp_path, monkeypatch, windows, dropped, rule):
-    monkeypatch.setattr(compensate, "TOKENS_PER_CHUNK", 3 * 32)  # chunks of 3 samples (not dividing 8)
-    runner = BlockRunner(CheckpointReader(source), block_budget_bytes=10**9)
-    cache = HiddenStateCache()
+def test_linear_compensation_matches_a_dense_solve(source, tmp_path, monkeypatch, windows, dropped, rule, micro_batch):
+    """Whole or in the cache's chunks of 3 samples (ragged: 8 = 3 + 3 + 2; a host budget of one chunk
+    sends the rest of the states to disk); pieces of 2 samples within a chunk for the sums."""
+    monkeypatch.setattr(compensate, "TOKENS_PER_CHUNK", 2 * 32)
+    runner = BlockRunner(CheckpointReader(source), block_budget_bytes=10**9, micro_batch=micro_batch)
+    cache = HiddenStateCache(host_budget_bytes=3 * 32 * 64 * 4 if micro_batch else 2**62, spill_dir=tmp_path)
     calibrate(runner, IDS, cache, progress=False)
     plan = output_blocks(windows, 8, dropped)
     result = compensate.fit_linear(runner, cache, plan, rule=rule, ridge=RIDGE, progress=False)
+    assert ("compensate", 0) not in cache.store  # its running states are released
     oracle_model, oracle_maps = dense_oracle(source, tmp_path, windows, dropped, rule)
     assert sorted(result.maps) == sorted(oracle_maps)
     for position, t in oracle_maps.items():
