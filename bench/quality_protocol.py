@@ -479,7 +479,9 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
         "`+lora` / `+partial` = that row's pruned model after `slm-fast heal --lora` / `--partial`; heal seconds "
         "beside it. *recorded selection*: the pruned model was re-written from the selection of an earlier run "
         "of the same configuration (checked: its validation NLLs on the first 4 windows equal the recorded ones) "
-        "and its prune seconds are that run's.",
+        "and its prune seconds are that run's. *first steps of the N-block run*: SLEB's selection at this removal "
+        "is the first steps of its greedy run to N blocks (written without searching), its prune seconds that "
+        "run's setup and calibration plus its search time at the end of the step.",
         "",
     ]
     lines += _heal_budgets(results)
