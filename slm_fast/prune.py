@@ -265,11 +265,13 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
         bar.close()
         timings["search"] = time.perf_counter() - tick
         state_stats = combined_stats(cache.store.ledger, plan_states.ledger)
+        counted = _runner_counts(runner)  # the cost model covers calibration and search
         compensation = None
         if options.compensate == "linear":
             tick = time.perf_counter()
             compensation = fit_compensation(runner, cache, options, selection)
             timings["compensate"] = time.perf_counter() - tick
+            compensation_work = {k: v - counted[k] for k, v in _runner_counts(runner).items()}
     finally:
         cache.close()
         plan_states.close()
@@ -282,9 +284,11 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
     report["device"] = str(runner.device)
     report["memory"] = layout.to_json()
     report["resumed"] = journal.resumed
-    report["cost"] = _cost_report(reader, options, layout, rates, runner, scorer, state_stats, timings, predicted)
+    report["cost"] = _cost_report(
+        reader, options, layout, rates, runner, counted, scorer, state_stats, timings, predicted
+    )  # fmt: skip
     if compensation is not None:
-        report["compensation"] = compensation.to_json()
+        report["compensation"] = compensation.to_json() | {"work": compensation_work}
     report_out = write_output(reader, output, options, selection, report, timings, compensation)
     journal.remove()
     return dataclasses.replace(report_out, seconds=time.perf_counter() - started)
@@ -428,9 +432,16 @@ def _predict(reader, options, layout, rates, dtype) -> dict | None:
     return cost.summarize(replay.finish(), rates, reader, options.seq_len, dtype)
 
 
-def _cost_report(reader, options, layout, rates, runner, scorer, state_stats, timings, predicted) -> dict:
+def _runner_counts(runner: BlockRunner) -> dict[str, int]:
+    """What the runner has counted so far: blocks built from the checkpoint, bytes read, token forwards."""
+    counts = (runner.blocks_loaded, runner.bytes_read, runner.token_forwards)
+    return dict(zip(("block_loads", "bytes_read", "token_forwards"), counts, strict=True))
+
+
+def _cost_report(reader, options, layout, rates, runner, counted, scorer, state_stats, timings, predicted) -> dict:
     """Predicted beside measured: the a-priori prediction (assumed steps), the same model replayed on the
-    sweeps the run made, and what was counted and timed (calibration and search)."""
+    sweeps the run made, and what was counted (`counted`: the runner's counts when the search ended) and
+    timed in calibration and search. Compensation's work is reported with it, not modelled here."""
     replay = cost.Replay(reader, layout, options.n_samples, options.seq_len, runner.dtype, options.merge_rule)
     for plans in scorer.sweeps:
         replay.sweep(plans)
@@ -438,10 +449,8 @@ def _cost_report(reader, options, layout, rates, runner, scorer, state_stats, ti
     params = cost.block_param_bytes(reader, 0, runner.dtype) // runner.dtype.itemsize
     config = reader.config.get("text_config", reader.config)
     measured = {
-        "block_loads": runner.blocks_loaded,
-        "bytes_read": runner.bytes_read,
-        "token_forwards": runner.token_forwards,
-        "forward_flops": runner.token_forwards * cost.flops_per_token(config, options.seq_len, params),
+        **counted,
+        "forward_flops": counted["token_forwards"] * cost.flops_per_token(config, options.seq_len, params),
         "state_bytes_written": state_stats["disk_bytes_written"],
         "state_bytes_read": state_stats["disk_bytes_read"],
         "peak_state_bytes": state_stats["peak_bytes"],
