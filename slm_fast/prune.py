@@ -43,12 +43,14 @@ SEARCHES = ("best-first", "sliding")
 # What the reference code fixes (slm_reference.md sections 1-3); `--preset reference` applies them all.
 # The calibration corpus is not among them: the reference's sampler runs on the corpus chosen.
 REFERENCE_PRESET = dict(
-    criterion="cosine", rule="keep_high_norms_low", n_samples=10, seq_len=128, seed=1234, search="sliding"
-)
+    method="slm", criterion="cosine", rule="keep_high_norms_low", n_samples=10, seq_len=128, seed=1234,
+    search="sliding", compensate="none",
+)  # fmt: skip
 # The command-line flag of each option, for error messages.
 OPTION_FLAGS = dict(
-    criterion="--criterion", rule="--rule", n_samples="--samples", seq_len="--seq-len", seed="--seed", search="--search"
-)
+    method="--method", criterion="--criterion", rule="--rule", n_samples="--samples", seq_len="--seq-len",
+    seed="--seed", search="--search", compensate="--compensate",
+)  # fmt: skip
 
 
 @dataclass
@@ -57,7 +59,9 @@ class PruneOptions:
     remove: int | None = None
     ratio: float | None = None
     preset: str = "default"  # or "reference"
-    method: str = "slm"  # or one of the baselines: shortgpt, gromov, laco, last-n
+    # The default configuration, SLM best-first + linear compensation, has the lowest mean validation
+    # log-perplexity over the quality protocol's table (bench/quality_choice.md; SLEB + compensation ties).
+    method: str = "slm"  # or one of the baselines: sleb, shortgpt, gromov, laco, last-n
     search: str = "best-first"  # SLM's window search: best-first, or sliding (the paper's scan)
     laco_merge_layers: int = 2  # LaCo's MERGE_LAYERS: layers folded into the one below per merge
     laco_interval: int = 1  # LaCo's INTERVAL
@@ -72,7 +76,7 @@ class PruneOptions:
     protect_top: int = 1
     protect_bottom: int = 0
     speculate: int = 1
-    compensate: str = "none"  # or "linear": fit a correction of each pruned span (slm_fast/compensate.py)
+    compensate: str = "linear"  # fit a correction of each pruned span (slm_fast/compensate.py), or "none"
     compensate_ridge: float = DEFAULT_RIDGE
     device: str = "cpu"
     dtype: str | None = None  # compute dtype; None = the checkpoint's (fp16 runs in fp32 on the CPU)
@@ -113,12 +117,13 @@ class PruneOptions:
             raise InputError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if self.search not in SEARCHES:
             raise InputError(f"unknown search {self.search!r}; choose one of: {', '.join(SEARCHES)}")
-        if self.preset == "reference" and self.method != "slm":
-            raise InputError(f"--preset reference applies to --method slm, not {self.method}")
         if self.preset == "reference":
             self._check_reference_overrides()
-        if self.threshold is not None and self.method not in THRESHOLD_METHODS:
-            raise InputError(f"--method {self.method} ranks blocks: give --remove or --ratio, not --threshold")
+        if self.threshold is not None and self.method not in THRESHOLD_METHODS and self.preset != "reference":
+            raise InputError(
+                f"--method {self.method} ranks blocks: give --remove or --ratio, not --threshold "
+                f"(a threshold needs --method {' or '.join(THRESHOLD_METHODS)})"
+            )
         if self.remove is not None and self.remove < 0:
             raise InputError(f"--remove must be >= 0, got {self.remove}")
         if self.ratio is not None and not 0 <= self.ratio < 1:
@@ -167,7 +172,10 @@ class PruneOptions:
     def max_removable(self, num_blocks: int) -> int:
         """The most blocks this method can remove from `num_blocks` given the protected blocks: SLM
         merges only the unprotected blocks (a window of m of them removes m - 1), and the reference
-        never merges its top block nor starts a window at block 0; the baselines keep one block."""
+        never merges its top block nor starts a window at block 0; SLEB never removes the first or the
+        last block; the other baselines keep one block."""
+        if self.method == "sleb":
+            return max(0, num_blocks - 2)
         if self.method != "slm":
             return num_blocks - 1
         if self.preset == "reference":
@@ -368,7 +376,10 @@ def estimate(source: str | Path, options: PruneOptions) -> str:
     tier, seconds from rates measured here), without calibrating, searching or writing anything."""
     options = _resolved(options)
     if options.method != "slm" or options.search != "best-first" or options.threshold is not None:
-        raise InputError("--dry-run models the best-first search to a block count: give --remove or --ratio")
+        raise InputError(
+            "--dry-run models SLM's best-first search to a block count: give --method slm (--search best-first) "
+            "with --remove or --ratio"
+        )
     reader = CheckpointReader(source)
     runner, _, _, layout = _runtime(reader, options, options.n_samples, spill_dir=None)
     try:
@@ -487,7 +498,7 @@ def _check_target(reader: CheckpointReader, options: PruneOptions) -> int:
         asked = (
             f"--remove {options.remove}" if options.remove is not None else f"--ratio {options.ratio} ({target} blocks)"
         )
-        protected = ""
+        protected = " (SLEB never removes the first or the last block)" if options.method == "sleb" else ""
         if options.method == "slm":
             protected = (
                 " (the reference never merges the top block nor starts a window at block 0)"

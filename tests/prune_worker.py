@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tiny_models import SLM
 
 from slm_fast.errors import SlmFastError
 from slm_fast.prune import PruneOptions, prune
@@ -46,7 +47,7 @@ BAD = {
 
 def options(source: Path, **overrides) -> PruneOptions:
     base = dict(calib=str(source.parent / "calib.txt"), n_samples=4, seq_len=32, micro_batch=2, progress=False)
-    return PruneOptions(**(base | overrides))
+    return PruneOptions(**(SLM | base | overrides))
 
 
 def main() -> None:

@@ -96,5 +96,5 @@ def test_prune_with_each_baseline(tmp_path, method):
 def test_ranking_methods_refuse_a_threshold(tmp_path):
     with pytest.raises(InputError, match="give --remove or --ratio"):
         prune(tmp_path, tmp_path / "out", PruneOptions(threshold=0.5, method="shortgpt"))
-    with pytest.raises(InputError, match="--preset reference applies to --method slm"):
+    with pytest.raises(InputError, match="it would override --method laco"):
         prune(tmp_path, tmp_path / "out", PruneOptions(threshold=0.5, method="laco", preset="reference"))

@@ -102,6 +102,6 @@ def test_threshold_search_refuses_logit_criteria():
     from slm_fast.prune import PruneOptions
 
     with pytest.raises(InputError, match="best-first"):
-        PruneOptions(remove=2, search="sliding", criterion="kl").validated()
-    PruneOptions(threshold=-0.5, search="sliding", criterion="kl").validated()
-    PruneOptions(remove=2, criterion="ppl").validated()
+        PruneOptions(method="slm", remove=2, search="sliding", criterion="kl").validated()
+    PruneOptions(method="slm", threshold=-0.5, search="sliding", criterion="kl").validated()
+    PruneOptions(method="slm", remove=2, criterion="ppl").validated()

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import save_tiny_checkpoint, save_tiny_tokenizer, write_word_corpus
+from tiny_models import SLM, SLM_FLAGS, save_tiny_checkpoint, save_tiny_tokenizer, write_word_corpus
 from transformers import AutoModelForCausalLM
 
 from slm_fast.checkpoint.reader import CheckpointReader
@@ -24,7 +24,7 @@ def source(tmp_path_factory):
 
 def options(source, **overrides):
     base = dict(calib=str(source.parent / "calib.txt"), n_samples=4, seq_len=32, progress=False)
-    return PruneOptions(**(base | overrides))
+    return PruneOptions(**(SLM | base | overrides))
 
 
 def test_prune_by_threshold_writes_checkpoint_and_report(source, tmp_path):
@@ -74,7 +74,18 @@ def test_same_calibration_gives_the_same_decisions(source, tmp_path):
 
 def test_cli_prune_summary_and_errors(source, tmp_path, capsys):
     calib = str(source.parent / "calib.txt")
-    args = ["prune", str(source), str(tmp_path / "out"), "--calib", calib, "--samples", "3", "--seq-len", "16"]
+    args = [
+        "prune",
+        str(source),
+        str(tmp_path / "out"),
+        *SLM_FLAGS,
+        "--calib",
+        calib,
+        "--samples",
+        "3",
+        "--seq-len",
+        "16",
+    ]
     assert main([*args, "--threshold", "0.6", "--no-progress"]) == 0
     summary = capsys.readouterr().out
     assert "slm: pruned 10 ->" in summary and "parameters" in summary and "similarity" in summary
@@ -82,7 +93,7 @@ def test_cli_prune_summary_and_errors(source, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main([*args, "--ratio", "1.5", "--overwrite", "--no-progress"]) == 2
     assert "--ratio must be in [0, 1)" in capsys.readouterr().err
-    assert main(["prune", str(source), str(source / "x"), "--threshold", "0.5", "--no-progress"]) == 2
+    assert main(["prune", str(source), str(source / "x"), "--remove", "1", "--no-progress"]) == 2
     assert "inside the source" in capsys.readouterr().err
 
 
@@ -132,9 +143,13 @@ def test_preset_reference_refuses_the_options_it_would_override(source, tmp_path
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--remove", "20"], "--remove 20: slm can remove at most 8 of the 10 blocks with --protect-top 1 and "),
+        (
+            ["--method", "slm", "--remove", "20"],
+            "--remove 20: slm can remove at most 8 of the 10 blocks with --protect-top 1 and ",
+        ),
         (["--remove", "7", "--protect-bottom", "2"], "at most 6 of the 10 blocks"),
         (["--ratio", "0.95"], "--ratio 0.95 (10 blocks): slm can remove at most 8"),
+        (["--method", "sleb", "--remove", "9"], "--remove 9: sleb can remove at most 8 of the 10 blocks"),
         (["--remove", "8", "--preset", "reference"], "at most 7 of the 10 blocks (the reference never merges"),
         (["--remove", "10", "--method", "shortgpt"], "shortgpt can remove at most 9 of the 10 blocks"),
     ],

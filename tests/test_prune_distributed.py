@@ -29,7 +29,7 @@ import prune_worker as worker
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import save_tiny_checkpoint, save_tiny_tokenizer, write_word_corpus
+from tiny_models import SLM_FLAGS, save_tiny_checkpoint, save_tiny_tokenizer, write_word_corpus
 
 from slm_fast.parallel.pipeline import Slices, search_work
 from slm_fast.parallel.scorer import SweepProgram
@@ -248,7 +248,7 @@ def test_a_killed_rank_fails_the_others_and_resume_completes(source, tmp_path):
     with the lost-peer message (exit status 2) well inside the timeout; the same command with --resume
     ends with the windows of the one-process run."""
     out = tmp_path / "out"
-    args = ["prune", str(source), str(out), "--remove", "5", "--calib", str(source.parent / "calib.txt")]
+    args = ["prune", str(source), str(out), *SLM_FLAGS, "--remove", "5", "--calib", str(source.parent / "calib.txt")]
     args += ["--samples", "8", "--seq-len", "64", "--micro-batch", "2", "--no-progress"]
     scores = tmp_path / ".out.work" / "scores.jsonl"
     procs = _launch(3, args)

@@ -45,7 +45,7 @@ def test_sleb_with_compensation(real_model, tmp_path):
 
 @pytest.mark.parametrize("criterion", ["kl", "ppl"])
 def test_best_first_with_logit_criteria(real_model, tmp_path, criterion):
-    report = prune(real_model, tmp_path / "out", PruneOptions(remove=1, criterion=criterion, **SMALL))
+    report = prune(real_model, tmp_path / "out", PruneOptions(method="slm", remove=1, criterion=criterion, **SMALL))
     assert report.blocks_after == num_blocks(real_model) - 1 and report.similarity < 0
 
 

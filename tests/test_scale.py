@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from tiny_models import save_tiny_checkpoint, save_tiny_tokenizer, write_word_corpus
+from tiny_models import SLM, SLM_FLAGS, save_tiny_checkpoint, save_tiny_tokenizer, write_word_corpus
 
 from slm_fast.cli import main
 from slm_fast.errors import InputError
@@ -31,12 +31,12 @@ def source(tmp_path_factory):
 
 def options(source, **overrides):
     base = dict(calib=str(source.parent / "calib.txt"), n_samples=4, seq_len=32, progress=False, remove=4)
-    return PruneOptions(**(base | overrides))
+    return PruneOptions(**(SLM | base | overrides))
 
 
 def cli_args(source, out, *extra):
     calib = str(source.parent / "calib.txt")
-    return ["prune", str(source), str(out), "--calib", calib, "--samples", "4", "--seq-len", "32", *extra]
+    return ["prune", str(source), str(out), *SLM_FLAGS, "--calib", calib, "--samples", "4", "--seq-len", "32", *extra]
 
 
 def digest(folder):
@@ -119,7 +119,7 @@ def test_dry_run_prints_the_cost_and_writes_nothing(source, tmp_path, capsys):
         assert figure in printed
     assert not list(tmp_path.iterdir())
     assert main([*args, "--ratio", "0.2", "--search", "sliding", "--dry-run"]) == 2
-    assert "--dry-run models the best-first search" in capsys.readouterr().err
+    assert "--dry-run models SLM's best-first search" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("remove, budget", [(1, "1MB"), (3, "300KB"), (3, "10GB")])

@@ -20,6 +20,11 @@ from transformers import (
     Qwen3Config,
 )
 
+# PruneOptions of sliding layer merging without compensation (the defaults are SLEB + compensation):
+# what the tests of SLM's search, report and runtime paths run.
+SLM = dict(method="slm", compensate="none")
+SLM_FLAGS = ["--method", "slm", "--compensate", "none"]
+
 COMMON = dict(
     hidden_size=64,
     intermediate_size=96,

@@ -16,6 +16,8 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Options --preset reference fixes: parsed with default None so that an explicit one is recognised.
 # argparse dest -> PruneOptions field.
 PRESET_OPTIONS = {
+    "method": "method",
+    "compensate": "compensate",
     "criterion": "criterion",
     "rule": "rule",
     "samples": "n_samples",
@@ -39,12 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     defaults = PruneOptions()
     parser = subparsers.add_parser(
         "prune",
-        help="prune a checkpoint by sliding layer merging (SLM)",
+        help="prune a checkpoint by sliding layer merging (SLM) and linear compensation",
         description=(
-            "Calibrate the model block by block, scan windows of consecutive blocks from the top down, "
-            "merge every window whose merged model stays similar to the original, and write the pruned "
-            "checkpoint with slm_report.json. Give exactly one target. Under torchrun (several processes, GPUs or "
-            "hosts) the same command runs as a pipeline over blocks, each rank holding a slice of them."
+            "Calibrate the model block by block, choose what to remove (by default sliding layer merging: "
+            "windows of consecutive blocks whose merged model stays similar to the original, grown best-first; "
+            "or a peer's method), fit a linear compensation of each pruned span, and write the pruned "
+            "checkpoint with slm_report.json. Give exactly one target. Under torchrun (several "
+            "processes, GPUs or hosts) the same command runs as a pipeline over blocks, each rank holding a "
+            "slice of them."
         ),
     )
     parser.add_argument("source", help=MODEL_HELP)
@@ -63,9 +67,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--method",
         choices=METHODS,
-        default=defaults.method,
-        help="slm, or a peer baseline: shortgpt (block influence), gromov (angular distance), laco, last-n, "
-        "sleb (greedy removal by calibration perplexity)",
+        default=None,
+        help=f"default {defaults.method} (sliding layer merging; with --compensate linear the lowest mean validation "
+        "perplexity over bench/quality_choice.md's table), or a peer baseline: sleb (greedy removal by calibration "
+        "perplexity), shortgpt (block influence), gromov (angular distance), laco, last-n",
     )
     parser.add_argument(
         "--search",
@@ -103,9 +108,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--compensate",
         choices=COMPENSATIONS,
-        default=defaults.compensate,
-        help="linear: after selection, fit on the calibration states a linear map per pruned span, folded into "
-        "the down projection of the block that replaces it (ReplaceMe-style; same architecture out)",
+        default=None,
+        help="linear (default): after selection, fit on the calibration states a linear map per pruned span, "
+        "folded into the down projection of the block that replaces it (ReplaceMe-style; same architecture "
+        "out); none: the selection as it is",
     )
     parser.add_argument(
         "--compensate-ridge",
@@ -154,7 +160,6 @@ def run(args: argparse.Namespace) -> int:
         remove=args.remove,
         ratio=args.ratio,
         preset=args.preset,
-        method=args.method,
         laco_merge_layers=args.laco_merge_layers,
         laco_interval=args.laco_interval,
         average_settings=args.average_settings,
@@ -163,7 +168,6 @@ def run(args: argparse.Namespace) -> int:
         protect_top=args.protect_top,
         protect_bottom=args.protect_bottom,
         speculate=args.speculate,
-        compensate=args.compensate,
         compensate_ridge=args.compensate_ridge,
         device=args.device,
         dtype=DTYPES.get(args.dtype),
