@@ -41,7 +41,8 @@ CONFIGS = {
 
 
 def launch(model: str, out: Path, processes: int, threads: int, args: argparse.Namespace) -> dict:
-    command = ["prune", model, str(out), "--remove", str(args.remove), "--samples", str(args.samples)]
+    command = ["prune", model, str(out), "--remove", str(args.remove), "--method", "slm", "--compensate", "none"]
+    command += ["--samples", str(args.samples)]
     command += ["--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch), "--no-progress", "--overwrite"]
     if processes == 1:
         argv = [sys.executable, "-m", "slm_fast", *command]

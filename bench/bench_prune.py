@@ -112,7 +112,8 @@ def bench_scale(block_counts: list[int], workdir: Path, tokenizer_from: Path, re
         output = workdir / f"synthetic70b-{blocks}-pruned"
         evict_from_page_cache(source)
         command = slm_fast_command(
-            "--threads", "2", "prune", str(source), str(output), "--remove", str(remove),
+            "--threads", "2", "prune", str(source), str(output), "--remove", str(remove), "--method", "slm",
+            "--compensate", "none",
             "--samples", "2", "--seq-len", "64", "--memory-budget", budget, "--dtype", "bf16",
             "--overwrite", "--no-progress",
         )  # fmt: skip

@@ -73,7 +73,8 @@ def prune_row(source: Path, workdir: Path, samples: int, seq_len: int, remove: i
     output = workdir / f"{source.name}-pruned"
     evict_from_page_cache(source)
     command = slm_fast_command(
-        "--threads", str(threads), "prune", str(source), str(output), "--remove", str(remove),
+        "--threads", str(threads), "prune", str(source), str(output), "--remove", str(remove), "--method", "slm",
+        "--compensate", "none",
         "--samples", str(samples), "--seq-len", str(seq_len), "--memory-budget", str(budget),
         "--calib", "austen:emma", "--overwrite", "--no-progress",
     )  # fmt: skip

@@ -163,3 +163,13 @@ def slm_fast_command(*args: str) -> list[str]:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def explicit_configuration(flags: list[str]) -> list[str]:
+    """`prune` flags with the method and the compensation named (SLM and none unless given; the
+    reference preset fixes both): a benchmark's configuration means the same whatever prune's defaults."""
+    if "--preset" in flags:
+        return flags
+    method = [] if "--method" in flags else ["--method", "slm"]
+    compensate = [] if "--compensate" in flags else ["--compensate", "none"]
+    return [*method, *flags, *compensate]

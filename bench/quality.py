@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from harness import run_checked, slm_fast_command
+from harness import explicit_configuration, run_checked, slm_fast_command
 
 from slm_fast.checkpoint.reader import CheckpointReader
 
@@ -71,7 +71,7 @@ def configurations(remove: int, sliding_cka_at: int) -> dict[str, list[str]]:
 def prune(model: Path, out: Path, remove: int, flags: list[str]) -> dict:
     command = slm_fast_command(
         "--threads", "1", "prune", str(model), str(out), "--remove", str(remove), "--overwrite", "--no-progress",
-        *flags,
+        *explicit_configuration(flags),
     )  # fmt: skip
     run = run_checked(command)
     report = json.loads((out / "slm_report.json").read_text())

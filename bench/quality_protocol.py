@@ -27,12 +27,13 @@ selection, a SLEB prefix, a compensation fitted again) and checked against the r
 `--zero-shot ROW ...` scores rows on the seven tasks through `slm-fast evaluate` (ARC-c, OBQA,
 WinoGrande whole; the others on 500 documents), one task per run, with the harness's standard errors.
 
-The default configuration is the one of lowest mean validation log-perplexity among those run; the
-held-out table then says where it wins and where it loses. Results accumulate in a JSON file (an
-interrupted run resumes), pruned models in --workdir (an existing OUT with slm_report.json is reused).
+Per removal, the pruning configuration of lowest mean validation log-perplexity is marked chosen;
+bench/quality_choice.py chooses the default over every model and removal. The held-out table then says
+where it wins and where it loses. Results accumulate in a JSON file (an interrupted run resumes),
+pruned models in --workdir (an existing OUT with slm_report.json is reused).
 
     PYTHONPATH=. python bench/quality_protocol.py --model /work/wt/smollm2 --remove 6 \
-        --configs default default+comp sleb sleb+comp default+lora sleb+partial --zero-shot dense 6/default
+        --configs slm slm+comp sleb sleb+comp slm+lora sleb+partial --zero-shot dense 6/sleb+comp
 
 (PYTHONPATH=. makes the in-process parts import this tree when another one is installed editable.)
 """
@@ -48,7 +49,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import run_checked, slm_fast_command
+from harness import explicit_configuration, run_checked, slm_fast_command
 
 VALIDATION = ("austen:mansfield_park", "lambada")
 HELD_OUT = ("austen:pride_and_prejudice", "boolq")
@@ -57,11 +58,11 @@ SELECTION_FILE = "protocol_selection.json"  # beside a pruned model the protocol
 COMPENSATE = ["--compensate", "linear"]
 # "+comp" uses the default ridge (1, chosen on validation: the "ridge" rows); "+comp ridge R" another.
 CONFIGS: dict[str, list[str]] = {
-    "default": [],
-    "default+comp": COMPENSATE,
-    "default+comp ridge 0.01": [*COMPENSATE, "--compensate-ridge", "0.01"],
-    "kl best-first": ["--criterion", "kl"],
-    "kl best-first+comp": ["--criterion", "kl", *COMPENSATE],
+    "slm": [],  # sliding layer merging: best-first, cosine, keep_high (the default before SLEB + comp)
+    "slm+comp": COMPENSATE,
+    "slm+comp ridge 0.01": [*COMPENSATE, "--compensate-ridge", "0.01"],
+    "slm kl": ["--criterion", "kl"],
+    "slm kl+comp": ["--criterion", "kl", *COMPENSATE],
     "sleb": ["--method", "sleb"],
     "sleb+comp": ["--method", "sleb", *COMPENSATE],
     "sleb+comp ridge 0.01": ["--method", "sleb", *COMPENSATE, "--compensate-ridge", "0.01"],
@@ -73,9 +74,12 @@ CONFIGS: dict[str, list[str]] = {
     "last-n": ["--method", "last-n"],
     "paper preset": ["--preset", "reference"],
 }
+
+
+CONFIGS = {name: explicit_configuration(flags) for name, flags in CONFIGS.items()}
 # "<config>+lora" / "<config>+partial": that configuration's pruned model healed by `slm-fast heal`.
 HEALS = {"lora": "--lora", "partial": "--partial"}
-HEALED_BASES = ("default", "sleb", "shortgpt", "default+comp", "sleb+comp")
+HEALED_BASES = ("slm", "sleb", "shortgpt", "slm+comp", "sleb+comp")
 CONFIGS |= {f"{base}+{mode}": CONFIGS[base] for base in HEALED_BASES for mode in HEALS}
 # Texts a healing corpus must not be: the protocol's validation and held-out corpora.
 NOT_FOR_HEALING = {"austen", "austen:mansfield_park", "austen:pride_and_prejudice", "lambada", "boolq"}
@@ -203,12 +207,11 @@ def config_options(flags: list[str], remove: int | None = None):
     from slm_fast.prune import REFERENCE_PRESET, PruneOptions
 
     options = PruneOptions(remove=remove)
-    if "--method" in flags:
-        options.method = flags[flags.index("--method") + 1]
+    for flag, field in (("--method", "method"), ("--compensate", "compensate"), ("--rule", "rule")):
+        if flag in flags:
+            setattr(options, field, flags[flags.index(flag) + 1])
     if "--preset" in flags and flags[flags.index("--preset") + 1] == "reference":
-        options.rule = REFERENCE_PRESET["rule"]
-    if "--rule" in flags:
-        options.rule = flags[flags.index("--rule") + 1]
+        options = dataclasses.replace(options, preset="reference", **REFERENCE_PRESET)
     return options
 
 

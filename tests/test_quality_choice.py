@@ -25,7 +25,8 @@ def test_the_choice_is_lowest_on_average_over_cells_not_per_cell():
     assert result["cell_winners"] == {("m1", 4): "a", ("m2", 4): "b"}
     mean, se = result["margins"]["a"]
     assert mean == pytest.approx((-0.1 - 0.1 + 0.5 + 0.6) / 4) and se > 0
-    assert "**chosen**" in choice.markdown(result) and "Not used" in choice.markdown(result)
+    text = choice.markdown(result, {"m1": first, "m2": second})
+    assert "**chosen**" in text and "Not used" in text and "- m1 -4, vs a: " in text
 
 
 def test_held_out_and_healed_rows_play_no_part():

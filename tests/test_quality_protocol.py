@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import save_tiny_checkpoint, save_tiny_tokenizer, write_word_corpus
+from tiny_models import SLM, save_tiny_checkpoint, save_tiny_tokenizer, write_word_corpus
 
 from slm_fast.baselines import LACO_RULE
 from slm_fast.prune import PruneOptions, prune
@@ -25,7 +25,7 @@ def pruned(tmp_path_factory):
     model = save_tiny_checkpoint(root / "model", "llama", num_layers=6)
     save_tiny_tokenizer(model)
     corpus = write_word_corpus(root / "calib.txt", documents=12, words=200)
-    options = PruneOptions(remove=2, calib=str(corpus), n_samples=4, seq_len=32, progress=False)
+    options = PruneOptions(**SLM, remove=2, calib=str(corpus), n_samples=4, seq_len=32, progress=False)
     prune(model, root / "pruned", options)
     recorded = protocol.prune(model, root / "pruned", 2, [])  # reads slm_report.json, prunes nothing
     nll = {corpus: protocol.window_nlls(root / "pruned", corpus, 4) for corpus in protocol.VALIDATION}
@@ -92,16 +92,16 @@ def test_sleb_prefix_is_the_shorter_run(pruned, tmp_path):
 def test_a_compensated_row_is_restored_from_its_record(pruned, tmp_path):
     """A +comp row whose models are gone comes back from the recorded selection with the same fit."""
     model, root, recorded, nll = pruned
-    flags = protocol.CONFIGS["default+comp"]
+    flags = protocol.CONFIGS["slm+comp"]
     work = tmp_path / "work"
     protocol.compensate_selection(model, root / "pruned", tmp_path / "fitted", flags)
     fitted_nll = {corpus: protocol.window_nlls(tmp_path / "fitted", corpus, 4) for corpus in protocol.VALIDATION}
-    results = {"2/default": {"prune": recorded, "nll": nll}, "2/default+comp": {"prune": {}, "nll": fitted_nll}}
-    out = protocol.restore_model(model, work, results, "2/default+comp")
-    assert out == work / "2-default+comp" and (work / "2-default" / protocol.SELECTION_FILE).is_file()
+    results = {"2/slm": {"prune": recorded, "nll": nll}, "2/slm+comp": {"prune": {}, "nll": fitted_nll}}
+    out = protocol.restore_model(model, work, results, "2/slm+comp")
+    assert out == work / "2-slm+comp" and (work / "2-slm" / protocol.SELECTION_FILE).is_file()
     want, got = load_file(tmp_path / "fitted" / "model.safetensors"), load_file(out / "model.safetensors")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
-    assert protocol.restore_model(model, work, results, "2/default+comp") == out  # there: reused
-    wrong = {"2/default": results["2/default"], "2/default+comp": {"prune": {}, "nll": nll}}
+    assert protocol.restore_model(model, work, results, "2/slm+comp") == out  # there: reused
+    wrong = {"2/slm": results["2/slm"], "2/slm+comp": {"prune": {}, "nll": nll}}
     with pytest.raises(SystemExit, match="differ from the recorded"):
-        protocol.restore_model(model, tmp_path / "other", wrong, "2/default+comp")
+        protocol.restore_model(model, tmp_path / "other", wrong, "2/slm+comp")
