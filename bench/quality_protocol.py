@@ -375,12 +375,14 @@ def validation_score(row: dict) -> float:
     return statistics.fmean(statistics.fmean(row["nll"][c]) for c in VALIDATION)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--title", default="SmolLM2-135M-Instruct")
     parser.add_argument("--remove", type=int, nargs="+", default=[6])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument(
+        "--configs", nargs="+", choices=list(CONFIGS), help="rows to measure (default: all, none with --zero-shot only)"
+    )
     parser.add_argument("--windows", type=int, default=16, help="512-token windows per corpus")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/slm_fast_protocol"))
     parser.add_argument("--results", type=Path, default=Path("bench/quality_protocol.json"))
@@ -391,11 +393,18 @@ def main() -> None:
     parser.add_argument("--heal-cutoff", type=int, default=256, help="healing budget: tokens per sequence")
     parser.add_argument("--heal-corpus", default="brown", help="healing text (never a validation or held-out one)")
     parser.add_argument(
-        "--zero-shot", nargs="+", default=[], metavar="ROW", help="rows (dense, 6/default, ...) to score on 7 tasks"
+        "--zero-shot", nargs="+", default=[], metavar="ROW", help="recorded rows (dense, 6/slm+comp, ...) to score on 7 tasks"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.configs is None:  # --zero-shot alone scores recorded rows and measures no new one
+        args.configs = [] if args.zero_shot else list(CONFIGS)
     if args.heal_corpus in NOT_FOR_HEALING:
         raise SystemExit(f"--heal-corpus {args.heal_corpus}: a validation or held-out text cannot train the model")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(1)
     results = json.loads(args.results.read_text()) if args.results.exists() else {}
     budget = {"steps": args.heal_steps, "batch_size": args.heal_batch_size, "cutoff": args.heal_cutoff,

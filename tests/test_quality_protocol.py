@@ -1,6 +1,6 @@
 """bench/quality_protocol.py's own paths on a tiny model: re-writing a recorded selection (and refusing
 one that is not the recorded model), SLEB at fewer blocks from a longer run, the merge rule of a
-configuration, and a healed row's budget."""
+configuration, a healed row's budget, and what its command line measures."""
 
 import json
 import sys
@@ -105,3 +105,13 @@ def test_a_compensated_row_is_restored_from_its_record(pruned, tmp_path):
     wrong = {"2/slm": results["2/slm"], "2/slm+comp": {"prune": {}, "nll": nll}}
     with pytest.raises(SystemExit, match="differ from the recorded"):
         protocol.restore_model(model, tmp_path / "other", wrong, "2/slm+comp")
+
+
+def test_zero_shot_alone_measures_no_new_row():
+    only_scores = protocol.parse_args(["--model", "m", "--zero-shot", "6/slm+comp"])
+    assert only_scores.configs == [] and only_scores.zero_shot == ["6/slm+comp"]
+    assert protocol.parse_args(["--model", "m"]).configs == list(protocol.CONFIGS)
+    both = protocol.parse_args(["--model", "m", "--configs", "sleb", "--zero-shot", "dense"])
+    assert both.configs == ["sleb"]
+    with pytest.raises(SystemExit, match="heal-corpus boolq"):
+        protocol.parse_args(["--model", "m", "--heal-corpus", "boolq"])
