@@ -19,7 +19,7 @@ import json
 import statistics
 from pathlib import Path
 
-from quality_protocol import HELD_OUT, paired, validation_windows
+from quality_protocol import HELD_OUT, paired, summary, validation_windows
 
 
 def cells(tables: dict[str, dict]) -> dict[tuple[str, int], dict[str, list[float]]]:
@@ -46,6 +46,29 @@ def held_out(tables: dict[str, dict], choice: dict) -> list[str]:
             parts = ["{}: {:+.4f} ± {:.4f}".format(c, *paired(ours[c], theirs[c])) for c in HELD_OUT]
             lines.append(f"- {model} -{removal}, vs {name}: " + "; ".join(parts))
     return lines
+
+
+def overview(tables: dict[str, dict], choice: dict) -> list[str]:
+    """Held-out perplexity of every candidate in every cell beside its prune seconds, in the order of
+    the validation ranking, dense first: the report a reader compares the choice by."""
+    cells_ = choice["cells"]
+
+    def cell(row: dict) -> str:
+        ppl = " / ".join(_ppl(summary(row["nll"][corpus])[0]) for corpus in HELD_OUT)
+        return ppl + (f" ({row['prune']['seconds']:.0f} s)" if "prune" in row else "")
+
+    header = ["configuration", *[f"{model} -{removal}" for model, removal in cells_]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    dense = [cell(tables[model]["dense"]) if "dense" in tables[model] else "" for model, _ in cells_]
+    lines.append("| " + " | ".join(["dense", *dense]) + " |")
+    for name in choice["ranked"]:
+        values = [cell(tables[model][f"{removal}/{name}"]) for model, removal in cells_]
+        lines.append("| " + " | ".join([f"**{name}**" if name == choice["chosen"] else name, *values]) + " |")
+    return lines
+
+
+def _ppl(value: float) -> str:
+    return f"{value:.1f}" if value < 1e4 else f"{value:.2g}"
 
 
 def choose(tables: dict[str, dict], candidates: list[str] | None = None) -> dict:
@@ -106,6 +129,11 @@ def markdown(choice: dict, tables: dict[str, dict] | None = None) -> str:
         lines += ["", f"Not used (a candidate was not measured there): {skipped}."]
     if tables is not None:
         lines += [
+            "",
+            "Held-out perplexity (*Pride and Prejudice* / BoolQ passages; reported, never used to choose) and "
+            "prune seconds (calibration, search, compensation, writing; one thread of a shared 2-core CPU):",
+            "",
+            *overview(tables, choice),
             "",
             "Held-out (reported, never used to choose): the choice minus each other candidate, paired per "
             "window, mean NLL in nats (negative = the choice is better):",

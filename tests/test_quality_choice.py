@@ -29,6 +29,21 @@ def test_the_choice_is_lowest_on_average_over_cells_not_per_cell():
     assert "**chosen**" in text and "Not used" in text and "- m1 -4, vs a: " in text
 
 
+def test_the_overview_reports_held_out_perplexity_in_validation_order():
+    tables = {
+        "m": {
+            "dense": row([1, 1], held_out=1.0),
+            "4/a": row([2.0, 2.0], held_out=2.0, prune={"seconds": 12.4}),
+            "4/b": row([3.0, 3.0], held_out=12.0, prune={"seconds": 3.0}),
+        }
+    }
+    lines = choice.overview(tables, choice.choose(tables))
+    assert lines[0] == "| configuration | m -4 |"
+    assert lines[2] == "| dense | 2.7 / 2.7 |"
+    assert lines[3] == "| **a** | 7.4 / 7.4 (12 s) |"
+    assert lines[4] == "| b | 1.6e+05 / 1.6e+05 (3 s) |"
+
+
 def test_held_out_and_healed_rows_play_no_part():
     results = {
         "4/a": row([2.0, 2.0], held_out=9.0),
