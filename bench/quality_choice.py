@@ -68,7 +68,7 @@ def overview(tables: dict[str, dict], choice: dict) -> list[str]:
 
 
 def _ppl(value: float) -> str:
-    return f"{value:.1f}" if value < 1e4 else f"{value:.2g}"
+    return f"{value:.1f}" if value < 1e4 else f"{value:.2g}".replace("e+0", "e").replace("e+", "e")
 
 
 def choose(tables: dict[str, dict], candidates: list[str] | None = None) -> dict:

@@ -41,7 +41,7 @@ def test_the_overview_reports_held_out_perplexity_in_validation_order():
     assert lines[0] == "| configuration | m -4 |"
     assert lines[2] == "| dense | 2.7 / 2.7 |"
     assert lines[3] == "| **a** | 7.4 / 7.4 (12 s) |"
-    assert lines[4] == "| b | 1.6e+05 / 1.6e+05 (3 s) |"
+    assert lines[4] == "| b | 1.6e5 / 1.6e5 (3 s) |"
 
 
 def test_held_out_and_healed_rows_play_no_part():
