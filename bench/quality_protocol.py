@@ -306,9 +306,10 @@ def heal_model(pruned: Path, out: Path, mode: str, budget: dict) -> dict:
     }
 
 
-def zero_shot(model: Path, results: dict, save) -> None:
-    """The seven tasks through `slm-fast evaluate --tasks T --limit N`, one task per run so that each
-    finished task is kept (`results[task]`: the evaluate JSON's task record, seconds added)."""
+def zero_shot(model: Path, results: dict, save, device: str = "cpu") -> None:
+    """The seven tasks through `slm-fast evaluate --tasks T --limit N --device D`, one task per run so
+    that each finished task is kept (`results[task]`: the evaluate JSON's task record, seconds and
+    device added); tasks already in `results` are not run again."""
     import tempfile
 
     for task in ZERO_SHOT_TASKS:
@@ -319,12 +320,16 @@ def zero_shot(model: Path, results: dict, save) -> None:
             path = Path(folder) / "eval.json"
             command = slm_fast_command(
                 "--threads", "1", "evaluate", str(model), "--tasks", task, "--limit", limit, "--json", str(path),
-                "--no-progress",
+                "--device", device, "--no-progress",
             )  # fmt: skip
             run = run_checked(command)
             report = json.loads(path.read_text())
         record = report["zero_shot"]["tasks"][task]
-        results[task] = record | {"seconds": run.seconds, "lm_eval": report["run"].get("lm_eval_version")}
+        results[task] = record | {
+            "seconds": run.seconds,
+            "lm_eval": report["run"].get("lm_eval_version"),
+            "device": device,
+        }
         print(f"  {task}: {record['metric']} {record['score']:.4f} ± {record['stderr']:.4f} ({run.seconds:.0f} s)")
         save()
 
@@ -395,6 +400,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--zero-shot", nargs="+", default=[], metavar="ROW", help="recorded rows (dense, 6/slm+comp, ...) to score on 7 tasks"
     )
+    parser.add_argument("--zero-shot-device", default="cpu", help="where --zero-shot evaluates (cpu, cuda, cuda:1)")
     args = parser.parse_args(argv)
     if args.configs is None:  # --zero-shot alone scores recorded rows and measures no new one
         args.configs = [] if args.zero_shot else list(CONFIGS)
@@ -444,7 +450,7 @@ def main() -> None:
                 raise SystemExit(f"--zero-shot {key}: no such row in {args.results}")
             model = args.model if key == "dense" else restore_model(args.model, args.workdir, results, key)
             print(f"zero-shot {key}", flush=True)
-            zero_shot(model, results[key].setdefault("zero_shot", {}), save)
+            zero_shot(model, results[key].setdefault("zero_shot", {}), save, args.zero_shot_device)
     args.out.write_text(markdown(results, args))
     print(args.out.read_text())
 

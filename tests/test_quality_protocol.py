@@ -115,3 +115,23 @@ def test_zero_shot_alone_measures_no_new_row():
     assert both.configs == ["sleb"]
     with pytest.raises(SystemExit, match="heal-corpus boolq"):
         protocol.parse_args(["--model", "m", "--heal-corpus", "boolq"])
+
+
+def test_zero_shot_records_each_task_once(tmp_path, monkeypatch):
+    """One `evaluate` per task on the device asked for; a task already recorded is not run again."""
+    from eval_models import save_text_model
+
+    pytest.importorskip("lm_eval")
+    from slm_fast.evaluation.local_tasks import LOCAL_TASKS
+
+    texts = [f"{name} question {i}: which answer is right?" for name in LOCAL_TASKS for i in range(20)]
+    model = save_text_model(tmp_path / "model", texts, num_layers=2)
+    monkeypatch.setattr(protocol, "ZERO_SHOT_TASKS", ("arc_easy", "winogrande"))
+    monkeypatch.setattr(protocol, "ZERO_SHOT_WHOLE", ())
+    monkeypatch.setattr(protocol, "ZERO_SHOT_DOCS", 2)
+    recorded = {"winogrande": {"score": 0.5, "note": "kept"}}
+    saves = []
+    protocol.zero_shot(model, recorded, lambda: saves.append(sorted(recorded)), "cpu")
+    assert recorded["winogrande"] == {"score": 0.5, "note": "kept"} and saves == [["arc_easy", "winogrande"]]
+    arc = recorded["arc_easy"]
+    assert arc["task"] == "arc_easy" and arc["documents"] == 2 and arc["device"] == "cpu" and arc["seconds"] > 0
