@@ -398,7 +398,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heal-cutoff", type=int, default=256, help="healing budget: tokens per sequence")
     parser.add_argument("--heal-corpus", default="brown", help="healing text (never a validation or held-out one)")
     parser.add_argument(
-        "--zero-shot", nargs="+", default=[], metavar="ROW", help="recorded rows (dense, 6/slm+comp, ...) to score on 7 tasks"
+        "--zero-shot", nargs="+", default=[], metavar="ROW", help="recorded rows (dense, 6/slm+comp, ...): 7 tasks"
     )
     parser.add_argument("--zero-shot-device", default="cpu", help="where --zero-shot evaluates (cpu, cuda, cuda:1)")
     args = parser.parse_args(argv)
