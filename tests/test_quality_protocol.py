@@ -3,6 +3,7 @@ one that is not the recorded model), SLEB at fewer blocks from a longer run, the
 configuration, a healed row's budget, and what its command line measures."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -135,3 +136,30 @@ def test_zero_shot_records_each_task_once(tmp_path, monkeypatch):
     assert recorded["winogrande"] == {"score": 0.5, "note": "kept"} and saves == [["arc_easy", "winogrande"]]
     arc = recorded["arc_easy"]
     assert arc["task"] == "arc_easy" and arc["documents"] == 2 and arc["device"] == "cpu" and arc["seconds"] > 0
+
+
+def test_zero_shot_table_averages_and_marks_devices():
+    """Both averages with se = sqrt(sum se^2) / n; rows by blocks removed; a device other than the CPU
+    named beside the seconds; no average for a row with a task missing."""
+    tasks = protocol.ZERO_SHOT_TASKS
+
+    def scored(boolq_score, device="cpu"):
+        record = {"score": 0.4, "stderr": 0.02, "documents": 500, "seconds": 10.0, "device": device}
+        return {t: record | ({"score": boolq_score} if t == "boolq" else {}) for t in tasks}
+
+    results = {
+        "6/slm": {"zero_shot": scored(1.0, "cuda")},
+        "dense": {"zero_shot": scored(0.4)},
+        "4/slm": {"zero_shot": {"boolq": scored(0.4)["boolq"]}},
+        "4/gromov": {"nll": {}},
+    }
+    lines = protocol._zero_shot_table(results)
+    cells = [line.strip("| ").split(" | ") for line in lines if line.startswith("| ") and "±" in line]
+    rows = {row[0]: row for row in cells}
+    assert list(rows) == ["dense", "4/slm", "6/slm"]
+    se = f"{100 * math.sqrt(len(tasks) * 0.02**2) / len(tasks):.1f}"
+    se_six = f"{100 * math.sqrt((len(tasks) - 1) * 0.02**2) / (len(tasks) - 1):.1f}"
+    assert rows["dense"][-3:] == [f"40.0 ± {se}", f"40.0 ± {se_six}", f"{10 * len(tasks)}"]
+    mean = 100 * (0.4 * (len(tasks) - 1) + 1.0) / len(tasks)
+    assert rows["6/slm"][-3:] == [f"{mean:.1f} ± {se}", f"40.0 ± {se_six}", f"{10 * len(tasks)} cuda"]
+    assert rows["4/slm"][-3:] == ["", "", "10"]
