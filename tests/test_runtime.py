@@ -11,6 +11,7 @@ from slm_fast.checkpoint.reader import CheckpointReader
 from slm_fast.runtime.cache import HiddenStateCache, TieredStore
 from slm_fast.runtime.residency import PlannedResidency
 from slm_fast.runtime.stream import BlockRunner, BlockSpec, calibrate
+from slm_fast.runtime.tree_attention import TreeLayout
 
 IDS = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(1))  # 40 > qwen2's window of 16
 
@@ -29,6 +30,53 @@ def test_streamed_forward_equals_full_model(tmp_path, arch):
     for boundary in range(5):  # HF's hidden_states[i] is the input of block i
         assert torch.equal(cache.get(boundary), full.hidden_states[boundary])
     assert runner.blocks_loaded == 5
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gemma3", "phi3"])
+def test_tree_rows_equal_their_sequences_run_alone(tmp_path, arch):
+    """Two rows, each a prefix shared by two or three branches: every token's output equals its
+    output in its own sequence (float64; the sums differ only in masked terms, so to rounding)."""
+    folder = save_tiny_checkpoint(tmp_path / arch, arch, num_layers=3, dtype=torch.float64)
+    runner = BlockRunner(CheckpointReader(folder), micro_batch=1)  # the layout is sliced per micro-batch
+    tokens = IDS[0].tolist()
+    trees = [  # (prefix, branches): the row is prefix + branch 1 + branch 2 + ...
+        (tokens[:4], [tokens[4:7], tokens[7:8]]),
+        (tokens[10:12], [tokens[12:13], tokens[13:15], tokens[15:18]]),
+    ]
+    width = max(len(p) + sum(map(len, b)) for p, b in trees)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    positions = torch.zeros(2, width, dtype=torch.long)
+    visible = torch.eye(width, dtype=torch.bool).repeat(2, 1, 1)
+    alone = []  # (row, index in the row, sequence, index in the sequence)
+    for row, (prefix, branches) in enumerate(trees):
+        n = len(prefix)
+        ids[row, :n], positions[row, :n] = torch.tensor(prefix), torch.arange(n)
+        visible[row, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+        start = n
+        for branch in branches:
+            stop = start + len(branch)
+            ids[row, start:stop], positions[row, start:stop] = torch.tensor(branch), torch.arange(n, n + len(branch))
+            visible[row, start:stop, :n] = True
+            visible[row, start:stop, start:stop] = torch.ones(len(branch), len(branch), dtype=torch.bool).tril()
+            alone += [(row, start + k, prefix + branch, n + k) for k in range(len(branch))]
+            start = stop
+    tree = TreeLayout(positions, visible)
+    hidden = runner.embed(ids)
+    for index in range(runner.num_blocks):
+        hidden = runner.apply(runner.block(index), index, hidden, tree)
+    for row, column, sequence, position in alone:
+        expected = runner.final_hidden(torch.tensor([sequence]))[0, position]
+        torch.testing.assert_close(runner.final_norm(hidden[row, column]), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_tree_support_follows_the_attention_implementation(tmp_path):
+    folder = save_tiny_checkpoint(tmp_path / "g", "gemma2", num_layers=2)
+    runner = BlockRunner(CheckpointReader(folder))
+    assert runner.supports_trees and runner.sliding_window == 8
+    runner.parts.config._attn_implementation = "flash_attention_2"  # builds no mask from mask functions
+    assert not runner.supports_trees
+    llama = BlockRunner(CheckpointReader(save_tiny_checkpoint(tmp_path / "l", "llama", num_layers=2)))
+    assert llama.sliding_window is None
 
 
 def test_micro_batches_and_bf16(tmp_path):

@@ -24,6 +24,7 @@ from slm_fast.checkpoint.reader import CheckpointReader
 from slm_fast.runtime.blocks import ModelParts
 from slm_fast.runtime.cache import HiddenStateCache
 from slm_fast.runtime.residency import PlannedResidency
+from slm_fast.runtime.tree_attention import MASKABLE_IMPLEMENTATIONS, TreeLayout
 
 MASK_BUILDERS: dict[str, Callable] = {
     "full_attention": create_causal_mask,
@@ -104,27 +105,45 @@ class BlockRunner:
         return self.parts.embed(input_ids.to(self.device))
 
     @torch.inference_mode()
-    def apply(self, block: nn.Module, layer_index: int, hidden: Tensor) -> Tensor:
-        """Run one decoder block (built with layer `layer_index`'s settings) on hidden [B, S, d]."""
+    def apply(self, block: nn.Module, layer_index: int, hidden: Tensor, tree: TreeLayout | None = None) -> Tensor:
+        """Run one decoder block (built with layer `layer_index`'s settings) on hidden [B, S, d]; `tree`
+        lays several sequences out in each row (see `tree_attention`; `supports_trees` must hold)."""
         attention_type = self.parts.attention_type(layer_index)
         step = self.micro_batch or hidden.shape[0]
         outputs = []
         for start in range(0, hidden.shape[0], step):
             chunk = hidden[start : start + step].to(self.device, self.dtype)
-            position_ids = torch.arange(chunk.shape[1], device=self.device).unsqueeze(0)
+            # The mask builders get sequence indices: positions that restart would read as packed sequences.
+            indices = torch.arange(chunk.shape[1], device=self.device).unsqueeze(0)
+            rows = None if tree is None else tree.rows(start, start + step, self.device)
             mask = MASK_BUILDERS[attention_type](
                 config=self.parts.config,
                 inputs_embeds=chunk,
                 attention_mask=None,
                 cache=None,
-                position_ids=position_ids,
+                position_ids=indices,
+                and_mask_function=None if rows is None else rows.mask_function(),
             )
+            position_ids = indices if rows is None else rows.positions
             position_embeddings = self.parts.position_embeddings(chunk, position_ids, attention_type)
             outputs.append(
                 block(chunk, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
             )
             self.token_forwards += chunk.shape[0] * chunk.shape[1]
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+    @property
+    def supports_trees(self) -> bool:
+        """Whether `apply` can take a TreeLayout: the attention implementation builds its mask from mask
+        functions (flash attention's does not)."""
+        return self.parts.config._attn_implementation in MASKABLE_IMPLEMENTATIONS
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The smallest sliding attention window of the model's layers (None: all attend fully). A tree
+        row no longer than it is never cut by it, whether distances count positions or indices."""
+        types = {self.parts.attention_type(index) for index in range(self.num_blocks)}
+        return getattr(self.parts.config, "sliding_window", None) if "sliding_attention" in types else None
 
     @torch.inference_mode()
     def final_norm(self, hidden: Tensor) -> Tensor:
