@@ -139,6 +139,7 @@ def test_loglikelihoods_equal_hand_computation(tiny: Path, hf_model: torch.nn.Mo
         float(got.loglikelihood[5]), abs=1e-6
     )  # one row, two head chunks
     assert got.rows == 5  # 7 requests, two sharing with others
+    assert got.tokens == 16  # of 20 in the rows: (5, 6) runs once for (5, 6), (5, 6, 7) and (5, 6, 10)
     with torch.no_grad():
         greedy = [
             hf_model(torch.tensor([c + k[:-1]])).logits[0, len(c) - 1 :].argmax(-1).tolist() == k for c, k in pairs

@@ -192,6 +192,13 @@ def test_cli_runs_harness_tasks(text_model: Path, rolling_tasks: Path, tmp_path:
     assert result["zero_shot"]["average"] == pytest.approx((tasks["arc_easy"]["acc"] + tasks["winogrande"]["acc"]) / 2)
     assert result["settings"]["lm_eval_version"] == result["run"]["lm_eval_version"] == "0.4.13"
     assert result["run"]["block_loads"] == LAYERS  # one stream for the three tasks, blocks resident
+    assert result["settings"]["shared_prefixes"] and "tokens" in printed
+    unshared = tmp_path / "unshared.json"
+    assert main([*argv[:-3], "--json", str(unshared), "--no-progress", "--no-shared-prefixes"]) == 0
+    alone = json.loads(unshared.read_text())
+    assert not alone["settings"]["shared_prefixes"] and alone["run"]["tokens"] > result["run"]["tokens"]
+    for task, record in alone["zero_shot"]["tasks"].items():
+        assert record["metrics"] == pytest.approx(tasks[task]["metrics"], rel=1e-6), task
 
 
 @pytest.mark.parametrize(

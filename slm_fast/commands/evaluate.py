@@ -83,6 +83,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--batch-tokens", type=int, default=4096, help="padded tokens per block call (bounds activation memory)"
     )
+    parser.add_argument(
+        "--no-shared-prefixes",
+        action="store_true",
+        help="score each task request as its own row (default: requests sharing a context run it once, as a "
+        "prefix tree with tree attention; the scores are the same)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(run=run, distributed=True)
@@ -179,6 +185,7 @@ def _evaluate(args: argparse.Namespace, workdir: Path, started: float) -> int:
             "dtype": str(runner.dtype).removeprefix("torch."),
             "memory_budget_bytes": budget,
             "batch_tokens": args.batch_tokens,
+            "shared_prefixes": not args.no_shared_prefixes,
             "blocks": reader.num_blocks,
             "lm_eval_version": lm_eval_version,
         },
@@ -193,7 +200,14 @@ def _evaluate(args: argparse.Namespace, workdir: Path, started: float) -> int:
         from slm_fast.evaluation.harness_lm import StreamedLM
 
         add_bos = {"auto": None, "yes": True, "no": False}[args.add_bos_token]
-        lm = StreamedLM(runner, tokenizer, add_bos_token=add_bos, process_group=group, **streaming)
+        lm = StreamedLM(
+            runner,
+            tokenizer,
+            add_bos_token=add_bos,
+            share_prefixes=not args.no_shared_prefixes,
+            process_group=group,
+            **streaming,
+        )
         outcome = evaluate_tasks(lm, tasks, limit=args.limit, manager=manager)  # None on ranks other than 0
         if outcome is not None:
             report.tasks, report.groups = outcome.tasks, outcome.groups
@@ -202,6 +216,7 @@ def _evaluate(args: argparse.Namespace, workdir: Path, started: float) -> int:
             "block_loads": runner.blocks_loaded,
             "requests": lm.requests_scored,
             "rows": lm.rows_run,
+            "tokens": lm.tokens_run,
             "generated_tokens": lm.generated_tokens,
         }
     # Counters are summed over the processes (each reads the model); peak RSS is the largest process's.

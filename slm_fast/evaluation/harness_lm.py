@@ -56,6 +56,7 @@ class StreamedLM(TemplateLM):
     add_bos_token: None tokenizes with the tokenizer's default special tokens (the harness's default);
     True / False force BOS on / off, as `--model_args add_bos_token=...` does for the harness's `hf`.
     max_length: the context length requests are left-truncated to (default: the model's, as the harness).
+    share_prefixes: run requests that share a context as prefix trees (see `prefix_trees`).
     process_group: a torch.distributed group over which the harness splits the documents (see the
     module docstring); `simple_evaluate` then returns the results on rank 0 and None elsewhere.
     """
@@ -70,6 +71,7 @@ class StreamedLM(TemplateLM):
         hidden_budget_bytes: int = 2 * 10**9,
         batch_tokens: int = 4096,
         head_rows: int = 512,
+        share_prefixes: bool = True,
         progress: bool = True,
         process_group: object | None = None,
     ):
@@ -82,11 +84,11 @@ class StreamedLM(TemplateLM):
         self.tokenizer = tokenizer
         self.add_bos_token = add_bos_token
         self._max_length = max_length or resolve_max_length(runner.parts.config, tokenizer, default=DEFAULT_MAX_LENGTH)
-        self.streaming = dict(
-            hidden_budget_bytes=hidden_budget_bytes, batch_tokens=batch_tokens, head_rows=head_rows, progress=progress
-        )
+        self.streaming = dict(hidden_budget_bytes=hidden_budget_bytes, batch_tokens=batch_tokens, progress=progress)
+        self.scoring = dict(head_rows=head_rows, share_prefixes=share_prefixes)
         self.requests_scored = 0  # token requests (rolling windows count one each)
         self.rows_run = 0  # distinct input rows run through the blocks
+        self.tokens_run = 0  # tokens run through the blocks for scoring (shared prefixes once)
         self.calls = 0  # scoring passes over the blocks' stream
         self.generated_tokens = 0
 
@@ -158,9 +160,10 @@ class StreamedLM(TemplateLM):
             return []
         tokens = [token_request(context, continuation, self.max_length) for _, context, continuation in requests]
         streaming = self.streaming | ({"progress": False} if disable_tqdm else {})
-        scores = loglikelihoods(self.runner, tokens, desc="scoring", **streaming)
+        scores = loglikelihoods(self.runner, tokens, desc="scoring", **streaming, **self.scoring)
         self.requests_scored += len(tokens)
         self.rows_run += scores.rows
+        self.tokens_run += scores.tokens
         self.calls += 1
         results = list(zip(scores.loglikelihood.tolist(), scores.greedy.tolist(), strict=True))
         for (key, _, _), result in zip(requests, results, strict=True):
@@ -214,7 +217,6 @@ class StreamedLM(TemplateLM):
             return tokens[-1] in end_ids or any(term in text for term in stops[index])
 
         streaming = self.streaming | ({"progress": False} if disable_tqdm else {})
-        streaming.pop("head_rows")
         outputs = greedy_generate(self.runner, prompts, budgets, finished, **streaming)
         texts = []
         for tokens, until, request in zip(outputs, stops, requests, strict=True):  # EOS, if any, is last

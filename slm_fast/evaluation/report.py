@@ -101,6 +101,8 @@ class EvaluationReport:
             f"{r['seconds']:.1f} s; {r['block_loads']} block loads ({r['blocks']} blocks); "
             f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB"
         )
+        if r.get("tokens"):
+            line += f"; {r['requests']} requests scored on {r['tokens']} tokens"
         if r.get("processes", 1) > 1:
             line += f" (summed over {r['processes']} processes; peak RSS of the largest)"
         if r.get("lm_eval_version"):  # only runs that scored harness tasks used it

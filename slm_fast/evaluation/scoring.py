@@ -3,20 +3,23 @@
 The harness hands over `context_enc` and `continuation_enc`; as its `HFLM` does, the model reads
 (context_enc + continuation_enc) left-truncated to `max_length` + 1 tokens, minus the last, and the
 last len(continuation_enc) positions are scored. All requests of a run are scored together, so each
-block is read once per group of batches (see `streaming`), not once per request.
+block is read once per group of batches (see `streaming`), not once per request; rows sharing a
+context run it once (see `prefix_trees`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from slm_fast.errors import InputError
+from slm_fast.evaluation.prefix_trees import PrefixTree, pack_prefix_trees, tree_batch
 from slm_fast.evaluation.streaming import stream_batches, target_log_probs
 from slm_fast.runtime.stream import BlockRunner
+from slm_fast.runtime.tree_attention import TreeLayout
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,8 @@ def token_request(context: Sequence[int], continuation: Sequence[int], max_lengt
 class Scores:
     loglikelihood: Tensor  # float64 [requests]: summed log-probability of each continuation
     greedy: Tensor  # bool [requests]: every continuation token is the argmax of its position
-    rows: int  # distinct input rows run through the blocks (requests sharing inputs share a row)
+    rows: int  # distinct input rows (requests sharing inputs share a row)
+    tokens: int  # tokens run through the blocks, padding excluded (shared prefixes count once)
 
 
 def loglikelihoods(
@@ -56,44 +60,69 @@ def loglikelihoods(
     hidden_budget_bytes: int = 2 * 10**9,
     batch_tokens: int = 4096,
     head_rows: int = 512,
+    share_prefixes: bool = True,
     progress: bool = True,
     desc: str = "scoring",
 ) -> Scores:
     """Score every request.
 
     Requests with the same input tokens share one row (the harness's trick for single-token answers
-    such as BoolQ's " no"/" yes"). Rows are sorted by length, longest first, and right-padded into
-    batches of at most `batch_tokens` padded tokens (at least one row each): causal attention keeps
-    padding after a row's tokens from affecting them, so no attention mask is needed."""
+    such as BoolQ's " no"/" yes"); with `share_prefixes` (and a runner that supports tree attention),
+    rows that share most of their tokens are packed into prefix trees run as one row (see
+    `prefix_trees`). Trees are sorted by length, longest first, and right-padded into batches of at
+    most `batch_tokens` padded tokens (at least one tree each): a token attends only to tokens before
+    it, so padding after a row's tokens does not affect them."""
     scored_on: dict[tuple[int, ...], list[int]] = {}  # input row -> the requests it serves
     for number, request in enumerate(requests):
         scored_on.setdefault(request.inputs, []).append(number)
-    batches = pack_rows(sorted(scored_on, key=len, reverse=True), batch_tokens)
+    share = share_prefixes and runner.supports_trees
+    trees = pack_prefix_trees(scored_on, _tree_tokens(runner, batch_tokens), min_shared=0.5 if share else 2.0)
+    batches = pack_rows(sorted(trees, key=len, reverse=True), batch_tokens)
+    inputs = [_batch_inputs(batch) for batch in batches]
     totals = torch.zeros(len(requests), dtype=torch.float64)
     misses = torch.zeros(len(requests), dtype=torch.long)  # continuation tokens that are not the argmax
-    ids = [padded_ids(batch) for batch in batches]
-    for index, hidden in stream_batches(runner, ids, hidden_budget_bytes, desc=desc, progress=progress):
+    ids = [batch_ids for batch_ids, _ in inputs]
+    layouts = [layout for _, layout in inputs]
+    for index, hidden in stream_batches(
+        runner, ids, hidden_budget_bytes, layouts=layouts, desc=desc, progress=progress
+    ):
         batch_rows, positions, targets, owners = [], [], [], []
-        for slot, row in enumerate(batches[index]):
-            for number in scored_on[row]:
-                request = requests[number]
-                count = request.continuation_length
-                batch_rows += [slot] * count
-                positions += range(len(row) - count, len(row))
-                targets += request.tokens[-count:]
-                owners += [number] * count
+        for slot, tree in enumerate(batches[index]):
+            for row, path in tree.paths.items():
+                for number in scored_on[row]:
+                    request = requests[number]
+                    count = request.continuation_length
+                    batch_rows += [slot] * count
+                    positions += path[len(row) - count :]
+                    targets += request.tokens[-count:]
+                    owners += [number] * count
         picked = hidden[torch.tensor(batch_rows), torch.tensor(positions)]
         log_probs, greedy = target_log_probs(runner, picked, torch.tensor(targets), head_rows)
         owner_ids = torch.tensor(owners)
         totals.index_add_(0, owner_ids, log_probs)
         misses.index_add_(0, owner_ids, (~greedy).long())
-    return Scores(totals, misses == 0, len(scored_on))
+    return Scores(totals, misses == 0, len(scored_on), sum(len(tree) for tree in trees))
 
 
-def pack_rows(rows: list[tuple[int, ...]], batch_tokens: int) -> list[list[tuple[int, ...]]]:
-    """Rows sorted longest first -> consecutive batches whose padded size (count x longest) stays
-    within `batch_tokens`."""
-    batches: list[list[tuple[int, ...]]] = []
+def _tree_tokens(runner: BlockRunner, batch_tokens: int) -> int:
+    """The most tokens a tree may hold: a batch's, and no more than the model's sliding window (see
+    `BlockRunner.sliding_window`)."""
+    window = runner.sliding_window
+    return batch_tokens if window is None else min(batch_tokens, window)
+
+
+def _batch_inputs(batch: list[PrefixTree]) -> tuple[Tensor, TreeLayout | None]:
+    """Token ids [B, S] of a batch of trees and their layout; None (plain causal rows) when every tree
+    is a single row."""
+    if all(len(tree.paths) == 1 for tree in batch):
+        return padded_ids([tree.tokens for tree in batch]), None
+    return tree_batch(batch)
+
+
+def pack_rows(rows: list[Sized], batch_tokens: int) -> list[list[Sized]]:
+    """Rows (token sequences or trees) sorted longest first -> consecutive batches whose padded size
+    (count x longest) stays within `batch_tokens`."""
+    batches: list[list[Sized]] = []
     for row in rows:
         if batches and (len(batches[-1]) + 1) * len(batches[-1][0]) <= batch_tokens:
             batches[-1].append(row)
@@ -102,7 +131,7 @@ def pack_rows(rows: list[tuple[int, ...]], batch_tokens: int) -> list[list[tuple
     return batches
 
 
-def padded_ids(batch: list[tuple[int, ...]]) -> Tensor:
+def padded_ids(batch: Sequence[Sequence[int]]) -> Tensor:
     """Right-padded token ids; the padding id (0) is arbitrary, its positions are never scored."""
     out = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)
     for slot, row in enumerate(batch):

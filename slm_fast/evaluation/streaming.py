@@ -16,6 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from slm_fast.runtime.stream import BlockRunner
+from slm_fast.runtime.tree_attention import TreeLayout
 
 
 def plan_groups(batch_tokens: Sequence[int], bytes_per_token: int, budget_bytes: int) -> list[list[int]]:
@@ -38,10 +39,12 @@ def stream_batches(
     batches: Sequence[Tensor],
     hidden_budget_bytes: int,
     *,
+    layouts: Sequence[TreeLayout | None] | None = None,
     desc: str = "blocks",
     progress: bool = True,
 ) -> Iterator[tuple[int, Tensor]]:
-    """Yield (batch index, output of the last block) for every batch of token ids [B, S], in order.
+    """Yield (batch index, output of the last block) for every batch of token ids [B, S], in order;
+    `layouts[i]`, when given and not None, lays prefix trees out in batch i's rows (tree attention).
 
     The outputs are the last block's hidden states before the final norm (the norm acts per token, so
     callers normalise only the rows they score)."""
@@ -54,7 +57,8 @@ def stream_batches(
             for block_index in range(runner.num_blocks):
                 block = runner.block(block_index)
                 for index in group:
-                    hidden[index] = runner.apply(block, block_index, hidden[index])
+                    tree = layouts[index] if layouts is not None else None
+                    hidden[index] = runner.apply(block, block_index, hidden[index], tree)
                 bar.update()
             for index in group:
                 yield index, hidden.pop(index)
