@@ -136,20 +136,23 @@ def test_zero_shot_records_each_task_once(tmp_path, monkeypatch):
     assert recorded["winogrande"] == {"score": 0.5, "note": "kept"} and saves == [["arc_easy", "winogrande"]]
     arc = recorded["arc_easy"]
     assert arc["task"] == "arc_easy" and arc["documents"] == 2 and arc["device"] == "cpu" and arc["seconds"] > 0
+    assert arc["shared_prefixes"]
 
 
 def test_zero_shot_table_averages_and_marks_devices():
     """Both averages with se = sqrt(sum se^2) / n; rows by blocks removed; a device other than the CPU
-    named beside the seconds; no average for a row with a task missing."""
+    named beside the seconds, and `rows` where a task was scored row by row; no average for a row with a
+    task missing."""
     tasks = protocol.ZERO_SHOT_TASKS
 
-    def scored(boolq_score, device="cpu"):
+    def scored(boolq_score, device="cpu", shared=True):
         record = {"score": 0.4, "stderr": 0.02, "documents": 500, "seconds": 10.0, "device": device}
+        record |= {"shared_prefixes": True} if shared else {}  # older records have no such field
         return {t: record | ({"score": boolq_score} if t == "boolq" else {}) for t in tasks}
 
     results = {
         "6/slm": {"zero_shot": scored(1.0, "cuda")},
-        "dense": {"zero_shot": scored(0.4)},
+        "dense": {"zero_shot": scored(0.4, shared=False)},
         "4/slm": {"zero_shot": {"boolq": scored(0.4)["boolq"]}},
         "4/gromov": {"nll": {}},
     }
@@ -159,7 +162,7 @@ def test_zero_shot_table_averages_and_marks_devices():
     assert list(rows) == ["dense", "4/slm", "6/slm"]
     se = f"{100 * math.sqrt(len(tasks) * 0.02**2) / len(tasks):.1f}"
     se_six = f"{100 * math.sqrt((len(tasks) - 1) * 0.02**2) / (len(tasks) - 1):.1f}"
-    assert rows["dense"][-3:] == [f"40.0 ± {se}", f"40.0 ± {se_six}", f"{10 * len(tasks)}"]
+    assert rows["dense"][-3:] == [f"40.0 ± {se}", f"40.0 ± {se_six}", f"{10 * len(tasks)} rows"]
     mean = 100 * (0.4 * (len(tasks) - 1) + 1.0) / len(tasks)
     assert rows["6/slm"][-3:] == [f"{mean:.1f} ± {se}", f"40.0 ± {se_six}", f"{10 * len(tasks)} cuda"]
     assert rows["4/slm"][-3:] == ["", "", "10"]
