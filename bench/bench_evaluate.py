@@ -1,9 +1,10 @@
 """Harness tasks through the block-streamed model, against lm-evaluation-harness's own `hf` model.
 
 --part smollm2: the seven tasks of the layer-pruning papers on the first --limit documents each,
-  `slm-fast evaluate --tasks all` and `lm_eval --model hf` (the same local task configs, float32, CPU,
-  one thread each, run one after the other in this run): wall time, peak RSS, and every task's acc /
-  acc_norm compared.
+  `slm-fast evaluate --tasks all` (requests sharing a context run as prefix trees, the default),
+  the same with `--no-shared-prefixes` (one row per distinct input) and `lm_eval --model hf` (the same
+  local task configs, float32, CPU, one thread each, run one after the other in this run): wall
+  time, tokens run, peak RSS, and every task's acc / acc_norm compared.
 --part scale: synthetic Llama checkpoints (random bf16 weights) of 4 and 16 blocks, many times larger
   than the --memory-budget given to `slm-fast evaluate`, scored on the seven tasks: block loads and
   peak RSS against the checkpoint's size (flat RSS as the model grows is the point). This machine has
@@ -63,31 +64,49 @@ def harness_hf(model: Path, limit: int, workdir: Path) -> tuple[dict, float, int
 
 def bench_smollm2(model: Path, limit: int, workdir: Path) -> dict:
     mine, my_seconds, my_rss = ours(model, limit, workdir / "ours.json")
+    rowwise, rowwise_seconds, rowwise_rss = ours(model, limit, workdir / "rowwise.json", "--no-shared-prefixes")
     theirs, hf_seconds, hf_rss = harness_hf(model, limit, workdir)
     rows = []
     for task in LOCAL_TASKS:
-        got = mine["zero_shot"]["tasks"][task]
+        got, alone = mine["zero_shot"]["tasks"][task], rowwise["zero_shot"]["tasks"][task]
         expected = theirs["results"][task]
-        pairs = [(got.get(m), expected.get(f"{m},none")) for m in ("acc", "acc_norm")]
-        rows.append(
-            {"task": task, "ours": pairs[0][0], "hf": pairs[0][1], "ours_norm": pairs[1][0], "hf_norm": pairs[1][1]}
-        )
-    equal = all(r["ours"] == r["hf"] and r["ours_norm"] == r["hf_norm"] for r in rows)
+        row = {"task": task}
+        for metric, name in (("acc", ""), ("acc_norm", "_norm")):
+            row |= {f"ours{name}": got.get(metric), f"rowwise{name}": alone.get(metric)}
+            row[f"hf{name}"] = expected.get(f"{metric},none")
+        rows.append(row)
+    equal = all(
+        r["ours"] == r["rowwise"] == r["hf"] and r["ours_norm"] == r["rowwise_norm"] == r["hf_norm"] for r in rows
+    )
     print(f"\nSmolLM2-135M, seven tasks x first {limit} documents, float32, 1 thread")
-    print(f"{'task':<14} {'acc ours':>8} {'acc hf':>8} {'norm ours':>9} {'norm hf':>8}")
+    print(f"{'task':<14} {'acc ours':>8} {'rowwise':>8} {'acc hf':>8} {'norm ours':>9} {'rowwise':>8} {'norm hf':>8}")
     for r in rows:
-        norm = [f"{v:.4f}" if v is not None else "-" for v in (r["ours_norm"], r["hf_norm"])]
-        print(f"{r['task']:<14} {r['ours']:>8.4f} {r['hf']:>8.4f} {norm[0]:>9} {norm[1]:>8}")
+        norm = [f"{v:.4f}" if v is not None else "-" for v in (r["ours_norm"], r["rowwise_norm"], r["hf_norm"])]
+        print(
+            f"{r['task']:<14} {r['ours']:>8.4f} {r['rowwise']:>8.4f} {r['hf']:>8.4f} "
+            f"{norm[0]:>9} {norm[1]:>8} {norm[2]:>8}"
+        )
     print(f"all acc / acc_norm identical: {equal}")
-    loads = mine["run"]["block_loads"]
-    print(f"slm-fast evaluate: {my_seconds:.1f} s, peak RSS {my_rss / GB:.2f} GB, {loads} block loads")
+    for name, result, seconds, rss in (
+        ("slm-fast evaluate", mine, my_seconds, my_rss),
+        ("  --no-shared-prefixes", rowwise, rowwise_seconds, rowwise_rss),
+    ):
+        run = result["run"]
+        print(
+            f"{name}: {seconds:.1f} s, {run['tokens']} tokens run, peak RSS {rss / GB:.2f} GB, "
+            f"{run['block_loads']} block loads"
+        )
     print(f"lm_eval --model hf: {hf_seconds:.1f} s, peak RSS {hf_rss / GB:.2f} GB")
-    print(f"speed ratio (hf time / ours): {hf_seconds / my_seconds:.2f}x")
+    print(
+        f"speed ratios: row by row / shared prefixes {rowwise_seconds / my_seconds:.2f}x, "
+        f"hf / shared prefixes {hf_seconds / my_seconds:.2f}x"
+    )
     return {
         "limit": limit,
         "rows": rows,
         "identical": equal,
         "ours": {"seconds": my_seconds, "peak_rss_bytes": my_rss, "run": mine["run"]},
+        "rowwise": {"seconds": rowwise_seconds, "peak_rss_bytes": rowwise_rss, "run": rowwise["run"]},
         "hf": {"seconds": hf_seconds, "peak_rss_bytes": hf_rss},
     }
 
@@ -127,7 +146,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--blocks", type=int, nargs="+", default=[4, 16], help="synthetic models' blocks (134 MB each)")
     parser.add_argument("--memory-budget", default="200MB", help="for --part scale")
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="JSON file the part's figures are merged into")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_evaluate_"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +155,9 @@ def main() -> None:
     else:
         result = bench_scale(args.limit, workdir, args.model, args.blocks, args.memory_budget)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        recorded = json.loads(args.json.read_text()) if args.json.exists() else {}
+        key = "smollm2" if args.part == "smollm2" else f"scale_budget_{args.memory_budget}"
+        args.json.write_text(json.dumps(recorded | {key: result}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
