@@ -11,7 +11,8 @@ from tiny_models import save_tiny_checkpoint
 
 from slm_fast.checkpoint.reader import CheckpointReader
 from slm_fast.evaluation import loglikelihoods, token_request
-from slm_fast.evaluation.prefix_trees import pack_prefix_trees, tree_batch
+from slm_fast.evaluation.prefix_trees import PrefixTree, pack_prefix_trees, tree_layout
+from slm_fast.evaluation.scoring import padded_ids
 from slm_fast.runtime.stream import BlockRunner
 
 
@@ -46,13 +47,14 @@ def test_trees_stay_within_max_tokens_and_rows_are_not_split() -> None:
     trees = pack_prefix_trees(rows, max_tokens=16)
     assert [len(tree) for tree in trees] == [40, 16, 16]  # the long row alone (it sorts first); 10 + 3 x 2 twice
     assert sorted(row for tree in trees for row in tree.paths) == sorted(rows)
-    alone = pack_prefix_trees(rows, max_tokens=100, min_shared=2.0)  # nothing shared: one row per tree
-    assert [list(tree.paths) for tree in alone] == [[row] for row in sorted(rows)]
+    lenient = pack_prefix_trees(rows, max_tokens=16, min_shared=0.0)  # any shared token would do
+    assert [len(tree) for tree in lenient] == [40, 16, 16]  # ... but the long row shares none
 
 
-def test_tree_batch_pads_with_tokens_that_see_only_themselves() -> None:
-    trees = pack_prefix_trees([(5, 6, 7), (5, 6, 8), (9,)], max_tokens=100)
-    ids, layout = tree_batch(sorted(trees, key=len, reverse=True))
+def test_tree_layout_pads_with_tokens_that_see_only_themselves() -> None:
+    trees = sorted(pack_prefix_trees([(5, 6, 7), (5, 6, 8), (9,)], max_tokens=100), key=len, reverse=True)
+    assert [tree.paths for tree in trees[1:]] == [PrefixTree.of((9,)).paths]
+    ids, layout = padded_ids([tree.tokens for tree in trees]), tree_layout(trees)
     assert ids.tolist() == [[5, 6, 7, 8], [9, 0, 0, 0]]
     assert layout.positions.tolist() == [[0, 1, 2, 2], [0, 0, 0, 0]]
     assert layout.visible[0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 1]]

@@ -38,6 +38,13 @@ class PrefixTree:
     depths: list[int] = field(default_factory=list)
     paths: dict[Row, list[int]] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, row: Row) -> PrefixTree:
+        """A tree holding `row` alone."""
+        tree = cls()
+        tree.add(row, [])
+        return tree
+
     def __len__(self) -> int:
         return len(self.tokens)
 
@@ -73,26 +80,23 @@ def pack_prefix_trees(rows: Sequence[Row], max_tokens: int, min_shared: float = 
         if joins:
             trees[-1].add(row, trees[-1].paths[previous][:shared])
         else:
-            trees.append(PrefixTree())
-            trees[-1].add(row, [])
+            trees.append(PrefixTree.of(row))
         previous = row
     return trees
 
 
-def tree_batch(trees: Sequence[PrefixTree]) -> tuple[torch.Tensor, TreeLayout]:
-    """Right-padded token ids [B, S] of `trees` and their layout; a padding token (id 0, never scored)
-    sees only itself."""
+def tree_layout(trees: Sequence[PrefixTree]) -> TreeLayout:
+    """The layout of `trees` right-padded into one batch (in order, as `padded_ids` lays out their
+    tokens); a padding token sees only itself."""
     width = max(len(tree) for tree in trees)
-    ids = torch.zeros(len(trees), width, dtype=torch.long)
     positions = torch.zeros(len(trees), width, dtype=torch.long)
     visible = np.zeros((len(trees), width, width), dtype=bool)
     visible[:, np.arange(width), np.arange(width)] = True
     for slot, tree in enumerate(trees):
         size = len(tree)
-        ids[slot, :size] = torch.tensor(tree.tokens)
         positions[slot, :size] = torch.tensor(tree.depths)
         visible[slot, :size, :size] = tree.visible()
-    return ids, TreeLayout(positions, torch.from_numpy(visible))
+    return TreeLayout(positions, torch.from_numpy(visible))
 
 
 def _common_prefix(a: Row, b: Row) -> int:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from slm_fast.errors import InputError
-from slm_fast.evaluation.prefix_trees import PrefixTree, pack_prefix_trees, tree_batch
+from slm_fast.evaluation.prefix_trees import PrefixTree, pack_prefix_trees, tree_layout
 from slm_fast.evaluation.streaming import stream_batches, target_log_probs
 from slm_fast.runtime.stream import BlockRunner
 from slm_fast.runtime.tree_attention import TreeLayout
@@ -75,17 +75,19 @@ def loglikelihoods(
     scored_on: dict[tuple[int, ...], list[int]] = {}  # input row -> the requests it serves
     for number, request in enumerate(requests):
         scored_on.setdefault(request.inputs, []).append(number)
-    share = share_prefixes and runner.supports_trees
-    trees = pack_prefix_trees(scored_on, _tree_tokens(runner, batch_tokens), min_shared=0.5 if share else 2.0)
+    if share_prefixes and runner.supports_trees:
+        trees = pack_prefix_trees(scored_on, _tree_tokens(runner, batch_tokens))
+    else:
+        trees = [PrefixTree.of(row) for row in scored_on]
     batches = pack_rows(sorted(trees, key=len, reverse=True), batch_tokens)
-    inputs = [_batch_inputs(batch) for batch in batches]
+    ids = [padded_ids([tree.tokens for tree in batch]) for batch in batches]
     totals = torch.zeros(len(requests), dtype=torch.float64)
     misses = torch.zeros(len(requests), dtype=torch.long)  # continuation tokens that are not the argmax
-    ids = [batch_ids for batch_ids, _ in inputs]
-    layouts = [layout for _, layout in inputs]
-    for index, hidden in stream_batches(
-        runner, ids, hidden_budget_bytes, layouts=layouts, desc=desc, progress=progress
-    ):
+
+    def layout(index: int) -> TreeLayout | None:  # plain causal rows when no tree has branches
+        return None if all(len(tree.paths) == 1 for tree in batches[index]) else tree_layout(batches[index])
+
+    for index, hidden in stream_batches(runner, ids, hidden_budget_bytes, layout=layout, desc=desc, progress=progress):
         batch_rows, positions, targets, owners = [], [], [], []
         for slot, tree in enumerate(batches[index]):
             for row, path in tree.paths.items():
@@ -109,14 +111,6 @@ def _tree_tokens(runner: BlockRunner, batch_tokens: int) -> int:
     `BlockRunner.sliding_window`)."""
     window = runner.sliding_window
     return batch_tokens if window is None else min(batch_tokens, window)
-
-
-def _batch_inputs(batch: list[PrefixTree]) -> tuple[Tensor, TreeLayout | None]:
-    """Token ids [B, S] of a batch of trees and their layout; None (plain causal rows) when every tree
-    is a single row."""
-    if all(len(tree.paths) == 1 for tree in batch):
-        return padded_ids([tree.tokens for tree in batch]), None
-    return tree_batch(batch)
 
 
 def pack_rows(rows: list[Sized], batch_tokens: int) -> list[list[Sized]]:

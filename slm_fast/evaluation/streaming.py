@@ -9,7 +9,7 @@ whose next token is scored, a chunk of rows at a time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -39,12 +39,14 @@ def stream_batches(
     batches: Sequence[Tensor],
     hidden_budget_bytes: int,
     *,
-    layouts: Sequence[TreeLayout | None] | None = None,
+    layout: Callable[[int], TreeLayout | None] | None = None,
     desc: str = "blocks",
     progress: bool = True,
 ) -> Iterator[tuple[int, Tensor]]:
     """Yield (batch index, output of the last block) for every batch of token ids [B, S], in order;
-    `layouts[i]`, when given and not None, lays prefix trees out in batch i's rows (tree attention).
+    `layout(i)`, when given and not None, lays prefix trees out in batch i's rows (tree attention). It
+    is called when batch i's group starts and dropped with it: a layout holds B x S x S flags, too many
+    to keep for every batch of a long run.
 
     The outputs are the last block's hidden states before the final norm (the norm acts per token, so
     callers normalise only the rows they score)."""
@@ -54,16 +56,20 @@ def stream_batches(
     try:
         for group in groups:
             hidden = {index: runner.embed(batches[index]) for index in group}
+            trees = {index: _on_device(layout(index) if layout else None, runner.device) for index in group}
             for block_index in range(runner.num_blocks):
                 block = runner.block(block_index)
                 for index in group:
-                    tree = layouts[index] if layouts is not None else None
-                    hidden[index] = runner.apply(block, block_index, hidden[index], tree)
+                    hidden[index] = runner.apply(block, block_index, hidden[index], trees[index])
                 bar.update()
             for index in group:
                 yield index, hidden.pop(index)
     finally:
         bar.close()
+
+
+def _on_device(tree: TreeLayout | None, device: torch.device) -> TreeLayout | None:
+    return None if tree is None else tree.rows(0, tree.positions.shape[0], device)
 
 
 @torch.inference_mode()
