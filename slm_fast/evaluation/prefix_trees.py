@@ -5,7 +5,7 @@ after one question, HellaSwag's four endings after one story. As separate rows, 
 through every block once per answer; as a tree (the context once, the answers as branches) every
 token runs once, and tree attention (`runtime.tree_attention`) gives each token the hidden state it
 has in its own row. On the seven tasks of the layer-pruning papers (500 documents each) this runs
-1.85x fewer tokens than one row per distinct input.
+1.74x fewer tokens than one row per distinct input.
 
 Rows sorted lexicographically sit next to the rows they share most with (the longest common prefix
 of a row with any earlier row is its prefix with the row just before), so one pass builds the trees.
