@@ -135,7 +135,7 @@ class BlockRunner:
     @property
     def supports_trees(self) -> bool:
         """Whether `apply` can take a TreeLayout: the attention implementation builds its mask from mask
-        functions (flash attention's does not)."""
+        functions and was tested with trees: sdpa and eager (flash attention takes no mask functions)."""
         return self.parts.config._attn_implementation in MASKABLE_IMPLEMENTATIONS
 
     @property

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-# Attention implementations whose masks are built from mask functions (flash attention's are not).
-MASKABLE_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+# Attention implementations whose masks are built from mask functions and tested with trees (flash
+# attention takes no mask functions; flex attention is untested).
+MASKABLE_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 @dataclass(frozen=True)
