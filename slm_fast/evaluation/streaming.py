@@ -56,7 +56,8 @@ def stream_batches(
     try:
         for group in groups:
             hidden = {index: runner.embed(batches[index]) for index in group}
-            trees = {index: _on_device(layout(index) if layout else None, runner.device) for index in group}
+            trees = {index: layout(index) if layout else None for index in group}
+            trees = {index: None if tree is None else tree.to(runner.device) for index, tree in trees.items()}
             for block_index in range(runner.num_blocks):
                 block = runner.block(block_index)
                 for index in group:
@@ -66,10 +67,6 @@ def stream_batches(
                 yield index, hidden.pop(index)
     finally:
         bar.close()
-
-
-def _on_device(tree: TreeLayout | None, device: torch.device) -> TreeLayout | None:
-    return None if tree is None else tree.rows(0, tree.positions.shape[0], device)
 
 
 @torch.inference_mode()

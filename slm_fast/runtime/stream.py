@@ -115,7 +115,7 @@ class BlockRunner:
             chunk = hidden[start : start + step].to(self.device, self.dtype)
             # The mask builders get sequence indices: positions that restart would read as packed sequences.
             indices = torch.arange(chunk.shape[1], device=self.device).unsqueeze(0)
-            rows = None if tree is None else tree.rows(start, start + step, self.device)
+            rows = None if tree is None else tree.rows(start, start + step).to(self.device)
             mask = MASK_BUILDERS[attention_type](
                 config=self.parts.config,
                 inputs_embeds=chunk,

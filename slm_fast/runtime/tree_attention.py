@@ -28,8 +28,11 @@ class TreeLayout:
     positions: Tensor
     visible: Tensor
 
-    def rows(self, start: int, stop: int, device) -> TreeLayout:
-        return TreeLayout(self.positions[start:stop].to(device), self.visible[start:stop].to(device))
+    def rows(self, start: int, stop: int) -> TreeLayout:
+        return TreeLayout(self.positions[start:stop], self.visible[start:stop])
+
+    def to(self, device) -> TreeLayout:
+        return TreeLayout(self.positions.to(device), self.visible.to(device))
 
     def mask_function(self) -> Callable:
         """The `and_mask_function` transformers' mask builders combine with the causal mask."""
