@@ -201,6 +201,15 @@ def test_cli_runs_harness_tasks(text_model: Path, rolling_tasks: Path, tmp_path:
         assert record["metrics"] == pytest.approx(tasks[task]["metrics"], rel=1e-6), task
 
 
+def test_lm_reports_row_by_row_scoring_where_trees_are_not_supported(text_model: Path) -> None:
+    runner = BlockRunner(CheckpointReader(text_model))
+    tokenizer = AutoTokenizer.from_pretrained(text_model)
+    assert StreamedLM(runner, tokenizer, progress=False).shares_prefixes
+    assert not StreamedLM(runner, tokenizer, share_prefixes=False, progress=False).shares_prefixes
+    runner.parts.config._attn_implementation = "flash_attention_2"  # takes no mask functions
+    assert not StreamedLM(runner, tokenizer, progress=False).shares_prefixes
+
+
 @pytest.mark.parametrize(
     ("tasks", "message"),
     [

@@ -185,7 +185,7 @@ def _evaluate(args: argparse.Namespace, workdir: Path, started: float) -> int:
             "dtype": str(runner.dtype).removeprefix("torch."),
             "memory_budget_bytes": budget,
             "batch_tokens": args.batch_tokens,
-            "shared_prefixes": not args.no_shared_prefixes,
+            "shared_prefixes": not args.no_shared_prefixes and runner.supports_trees,
             "blocks": reader.num_blocks,
             "lm_eval_version": lm_eval_version,
         },

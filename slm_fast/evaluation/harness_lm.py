@@ -85,7 +85,9 @@ class StreamedLM(TemplateLM):
         self.add_bos_token = add_bos_token
         self._max_length = max_length or resolve_max_length(runner.parts.config, tokenizer, default=DEFAULT_MAX_LENGTH)
         self.streaming = dict(hidden_budget_bytes=hidden_budget_bytes, batch_tokens=batch_tokens, progress=progress)
-        self.scoring = dict(head_rows=head_rows, share_prefixes=share_prefixes)
+        # Shared only where the runner can lay trees out (not under flash attention): what is reported.
+        self.shares_prefixes = share_prefixes and runner.supports_trees
+        self.scoring = dict(head_rows=head_rows, share_prefixes=self.shares_prefixes)
         self.requests_scored = 0  # token requests (rolling windows count one each)
         self.rows_run = 0  # distinct input rows run through the blocks
         self.tokens_run = 0  # tokens run through the blocks for scoring (shared prefixes once)
