@@ -23,7 +23,8 @@ A "+lora" / "+partial" row heals that configuration's pruned model with `slm-fas
 given once for all rows (--heal-steps, --heal-batch-size, --heal-cutoff, --heal-corpus: never a
 validation or held-out text) and records it. When a recorded row's pruned model is gone (a healed
 row's base, a zero-shot row), it is re-created without searching (restore_model: the recorded
-selection, a SLEB prefix, a compensation fitted again) and checked against the row's validation NLLs.
+selection, a SLEB prefix, a compensation fitted again, a heal run again on the recorded budget) and
+checked against the row's validation NLLs.
 `--zero-shot ROW ...` scores rows on the seven tasks through `slm-fast evaluate` (ARC-c, OBQA,
 WinoGrande whole; the others on 500 documents), one task per run, with the harness's standard errors.
 
@@ -255,16 +256,21 @@ def check_recorded(out: Path, check: dict[str, list[float]]) -> None:
 
 def restore_model(model: Path, workdir: Path, results: dict, key: str) -> Path:
     """The pruned model of the recorded row `key` ("6/sleb+comp") in `workdir`, re-created without
-    searching when it is gone: a +comp row by fitting again on its restored base selection, a SLEB row
-    as the first steps of a longer recorded run, any other from its recorded selection; each checked
-    against the row's recorded validation NLLs (check_recorded)."""
+    searching when it is gone: a healed row by healing its restored base again on the recorded budget
+    (training is seeded, so the run repeats), a +comp row by fitting again on its restored base
+    selection, a SLEB row as the first steps of a longer recorded run, any other from its recorded
+    selection; each checked against the row's recorded validation NLLs (check_recorded)."""
     remove, name = key.split("/", 1)
     out = _outdir(workdir, remove, name)
     if (out / "config.json").is_file():
         return out
     row = results[key]
     base_name = name.split("+comp")[0]
-    if base_name != name:
+    if (mode := _heal_mode(name)) is not None:
+        base = restore_model(model, workdir, results, f"{remove}/{name.rsplit('+', 1)[0]}")
+        heal_model(base, out, mode, row["heal"])
+        check_recorded(out, row["nll"])
+    elif base_name != name:
         base = restore_model(model, workdir, results, f"{remove}/{base_name}")
         compensate_selection(model, base, out, CONFIGS[name])
         check_recorded(out, row["nll"])
@@ -279,13 +285,15 @@ def restore_model(model: Path, workdir: Path, results: dict, key: str) -> Path:
 
 
 def heal_model(pruned: Path, out: Path, mode: str, budget: dict) -> dict:
-    """`slm-fast heal PRUNED OUT --lora|--partial` with the budget (steps, batch size, cutoff, corpus);
-    the heal report's seconds, budget and loss means (first and last 10 steps)."""
+    """`slm-fast heal PRUNED OUT --lora|--partial` with the budget (steps, batch size, cutoff, corpus,
+    and lr where given: a recorded row's); the heal report's seconds, budget and loss means (first and
+    last 10 steps)."""
     if not (out / "heal_report.json").is_file():
+        lr = ["--lr", repr(budget["lr"])] if "lr" in budget else []
         command = slm_fast_command(
             "--threads", "1", "heal", str(pruned), str(out), HEALS[mode], "--steps", str(budget["steps"]),
             "--batch-size", str(budget["batch_size"]), "--cutoff", str(budget["cutoff"]), "--corpus",
-            budget["corpus"], "--overwrite", "--no-progress",
+            budget["corpus"], *lr, "--overwrite", "--no-progress",
         )  # fmt: skip
         run_checked(command)
     report = json.loads((out / "heal_report.json").read_text())

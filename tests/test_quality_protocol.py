@@ -108,6 +108,24 @@ def test_a_compensated_row_is_restored_from_its_record(pruned, tmp_path):
         protocol.restore_model(model, tmp_path / "other", wrong, "2/slm+comp")
 
 
+def test_a_healed_row_is_restored_by_healing_again(pruned, tmp_path):
+    """A healed row whose models are gone is healed again on its recorded budget (seeded: the same
+    weights) from its restored base; a record of another run is refused."""
+    model, root, recorded, nll = pruned
+    corpus = write_word_corpus(tmp_path / "heal.txt", documents=8, words=100)
+    budget = {"steps": 3, "batch_size": 2, "cutoff": 16, "corpus": str(corpus), "lr": 3e-4}
+    heal = protocol.heal_model(root / "pruned", tmp_path / "healed", "lora", budget)
+    assert heal["lr"] == 3e-4
+    healed_nll = {corpus: protocol.window_nlls(tmp_path / "healed", corpus, 4) for corpus in protocol.VALIDATION}
+    results = {"2/slm": {"prune": recorded, "nll": nll}, "2/slm+lora": {"heal": heal, "nll": healed_nll}}
+    out = protocol.restore_model(model, tmp_path / "work", results, "2/slm+lora")
+    want, got = load_file(tmp_path / "healed" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    other = {"2/slm": results["2/slm"], "2/slm+lora": {"heal": heal | {"lr": 1e-5}, "nll": healed_nll}}
+    with pytest.raises(SystemExit, match="differ from the recorded"):
+        protocol.restore_model(model, tmp_path / "other", other, "2/slm+lora")
+
+
 def test_zero_shot_alone_measures_no_new_row():
     only_scores = protocol.parse_args(["--model", "m", "--zero-shot", "6/slm+comp"])
     assert only_scores.configs == [] and only_scores.zero_shot == ["6/slm+comp"]
