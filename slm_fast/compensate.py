@@ -14,7 +14,9 @@ result is a standard checkpoint of the same architecture.
 Out of core: one bottom-up sweep over the output blocks (each built once from the reader), one chunk
 of calibration samples at a time (the cache's chunks; the pruned model's running state of each chunk is
 kept in the cache's tiered store, so it is held, spilled and counted like the calibration states); the
-normal equations M^T M and M^T R (d x d) accumulate in float64 and are solved in float64. Only
+normal equations M^T M and M^T R (d x d) accumulate in float64 and are solved in float64, on the GPU
+when the run is on one and its free memory holds them (sums_device: a CPU takes minutes to hours for
+d = 8192 over many calibration tokens, a GPU's float64 units seconds). Only
 architectures whose block output is `residual + mlp(...)` with an `mlp.down_proj` qualify (not
 Gemma's post-feedforward norm).
 """
@@ -99,7 +101,7 @@ def solve_ridge(gram: Tensor, cross: Tensor, ridge: float) -> Tensor:
     """argmin_T ||M T - R||^2 + lam ||T - I||^2 from M^T M and M^T R (float64), lam = ridge * tr / d."""
     d = gram.shape[0]
     lam = ridge * gram.diagonal().sum() / d
-    eye = torch.eye(d, dtype=gram.dtype)
+    eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
     return torch.linalg.solve(gram + lam * eye, cross + lam * eye)
 
 
@@ -134,11 +136,12 @@ def fit_linear(
             if position in targets:
                 _check_block(block, window)
                 transform, fit = _fit_block(runner, block, spec.layer_index, states, cache, targets[position], ridge)
-                maps[position] = transform.float()
+                maps[position] = transform.float().cpu()
                 fits.append(SpanFit(position, window, targets[position], **fit))
                 block = copy.deepcopy(block)
                 with torch.no_grad():
-                    block.mlp.down_proj.weight.copy_(fold_down_proj(block.mlp.down_proj.weight, transform))
+                    weight = block.mlp.down_proj.weight
+                    weight.copy_(fold_down_proj(weight, transform.to(weight.device)))
                 bar.update()
             for chunk in states.chunks:
                 states.put(chunk, runner.apply(block, spec.layer_index, states.get(chunk)))
@@ -172,6 +175,17 @@ class _PrunedStates:
             self.cache.store.discard(("compensate", chunk))
 
 
+def sums_device(device: torch.device, d: int, piece_tokens: int) -> torch.device:
+    """Where a fit's float64 sums live: `device` if it is a GPU whose free memory holds them twice over
+    (M^T M, M^T R, and a piece's M, R and block output in float64), else the CPU. Bits differ between
+    the two only by summation order."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    need = (2 * d * d + 4 * piece_tokens * d) * 8
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if free > 2 * need else torch.device("cpu")
+
+
 def _check_block(block: nn.Module, window: Window) -> None:
     mlp = getattr(block, "mlp", None)
     if mlp is None or not hasattr(mlp, "down_proj") or hasattr(block, "post_feedforward_layernorm"):
@@ -191,10 +205,8 @@ def _fit_block(
     ridge: float,
 ) -> tuple[Tensor, dict]:
     """Accumulate M^T M, M^T R over the chunks (each in pieces of TOKENS_PER_CHUNK tokens) and solve
-    for T (float64)."""
-    gram = cross = None
-    energy = torch.zeros((), dtype=torch.float64)  # ||R||^2
-    untouched = torch.zeros((), dtype=torch.float64)  # ||R - M||^2 (T = I)
+    for T (float64, on sums_device; T is returned there)."""
+    gram = cross = energy = untouched = None  # energy ||R||^2, untouched ||R - M||^2 (T = I)
     tokens = 0
     mlp_outputs: list[Tensor] = []
     hook = block.mlp.register_forward_hook(lambda module, args, output: mlp_outputs.append(output))
@@ -202,16 +214,17 @@ def _fit_block(
         for chunk in states.chunks:
             hidden, target = states.get(chunk), cache.get_chunk(target_boundary, chunk)
             d = hidden.shape[-1]
-            if gram is None:
-                gram = torch.zeros(d, d, dtype=torch.float64)
-                cross = torch.zeros(d, d, dtype=torch.float64)
             step = max(1, TOKENS_PER_CHUNK // hidden.shape[1])
+            if gram is None:
+                sums = sums_device(runner.device, d, step * hidden.shape[1])
+                gram, cross = (torch.zeros(d, d, dtype=torch.float64, device=sums) for _ in range(2))
+                energy, untouched = (torch.zeros((), dtype=torch.float64, device=sums) for _ in range(2))
             for start in range(0, hidden.shape[0], step):
                 mlp_outputs.clear()
                 output = runner.apply(block, source_index, hidden[start : start + step])
-                m = torch.cat(mlp_outputs).reshape(-1, d).double().cpu()
-                residual = (target[start : start + step].reshape(-1, d).double().cpu()) - (
-                    output.reshape(-1, d).double().cpu() - m
+                m = torch.cat(mlp_outputs).reshape(-1, d).to(sums, torch.float64)
+                residual = target[start : start + step].reshape(-1, d).to(sums, torch.float64) - (
+                    output.reshape(-1, d).to(sums, torch.float64) - m
                 )
                 gram += m.T @ m
                 cross += m.T @ residual

@@ -101,6 +101,33 @@ def test_linear_compensation_matches_a_dense_solve(source, tmp_path, monkeypatch
         torch.testing.assert_close(ours(IDS).logits, oracle_model(IDS).logits, rtol=0, atol=LOGIT_TOL)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("room", [True, False], ids=["sums-on-gpu", "sums-short-of-memory"])
+def test_a_cuda_fit_equals_the_cpu_fit(source, monkeypatch, room):
+    """On a GPU the blocks run and the fold happens there, the sums accumulate there (or on the CPU when
+    its free memory is short); the maps come back on the CPU and equal the CPU run's up to float32
+    noise (the bound of the dense-solve test)."""
+    windows, dropped, rule = CASES[2]
+    plan = output_blocks(windows, 8, dropped)
+
+    def fit(device):
+        runner = BlockRunner(CheckpointReader(source), device, block_budget_bytes=10**9)
+        cache = HiddenStateCache(device, device_budget_bytes=2**34 if device == "cuda" else 0)  # states on the GPU
+        calibrate(runner, IDS, cache, progress=False)
+        return compensate.fit_linear(runner, cache, plan, rule=rule, ridge=RIDGE, progress=False)
+
+    on_cpu = fit("cpu")
+    if not room:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 2**34))
+    assert compensate.sums_device(torch.device("cuda"), 64, 4096).type == ("cuda" if room else "cpu")
+    on_cuda = fit("cuda")
+    assert sorted(on_cuda.maps) == sorted(on_cpu.maps)
+    for position, t in on_cpu.maps.items():
+        assert on_cuda.maps[position].device.type == "cpu"
+        torch.testing.assert_close(on_cuda.maps[position], t, rtol=0, atol=MAP_TOL)
+
+
 def test_solve_ridge_is_the_regularised_least_squares():
     gen = torch.Generator().manual_seed(0)
     m = torch.randn(50, 10, generator=gen, dtype=torch.float64)
