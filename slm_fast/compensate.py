@@ -127,11 +127,12 @@ def fit_linear(
         return Compensation(maps, fits, skipped)
     start = min(targets)
     states = _PrunedStates(cache, plan[start][0])
+    specs = [window_block(window, rule, runner.reader, average_settings) for window in plan[start : max(targets) + 1]]
+    runner.plan(specs)  # one pass up: residency and prefetch follow it (cost.Replay.compensation replays it)
     bar = tqdm(total=len(targets), desc="compensating", unit="span", disable=not progress)
     try:
-        for position in range(start, max(targets) + 1):
+        for position, spec in enumerate(specs, start=start):
             window = plan[position]
-            spec = window_block(window, rule, runner.reader, average_settings)
             block = runner.block(spec)
             if position in targets:
                 _check_block(block, window)

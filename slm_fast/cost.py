@@ -8,8 +8,13 @@ the steps the run takes. Before a run the steps are not known: `predict` assumes
 blocks from the top of the allowed range down (the usual outcome on trained models; the departures,
 and so the cost, grow as windows sit lower). After a run, `replay` takes the sweeps it really made.
 
+`--compensate linear` adds one bottom-up sweep after the search (`Replay.compensation`): each output
+block from the lowest carrier to the highest built once, the tokens through it (a carrier's twice: the
+fit and the pass on), and the float64 normal equations of each carrier (4 d^2 FLOPs per token).
+
 Seconds follow from rates measured on this machine (`measure_rates`): reading and building one block,
-one micro-batch through one block, writing and reading back one chunk of states on the spill disk.
+one micro-batch through one block, writing and reading back one chunk of states on the spill disk, and
+a float64 Gram product where the compensation accumulates its sums.
 Reads that the background prefetch overlaps with compute are still counted in full, so the estimate
 leans high when reading is not the bottleneck.
 """
@@ -50,6 +55,8 @@ class Counts:
     sweeps: int = 0
     plans_scored: int = 0
     max_plan_state_bytes: int = 0  # the most plan-state bytes a sweep held at once
+    carriers: int = 0  # compensation: spans fitted
+    sums_flops: int = 0  # compensation: float64 FLOPs of the normal equations M^T M and M^T R
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ class Rates:
     token_forwards_per_s: float  # tokens through one block
     disk_write_bytes_per_s: float  # state spill
     disk_read_bytes_per_s: float
+    sums_flops_per_s: float  # float64 products of the compensation's normal equations, where they accumulate
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -78,9 +86,9 @@ class Replay:
         )  # boundaries
         self.plan_ledger = TierLedger(layout.plan_device_bytes, layout.plan_host_bytes)
         config = reader.config.get("text_config", reader.config)
-        rows = layout.micro_batch
+        rows, self.hidden_size = layout.micro_batch, config["hidden_size"]
         self.chunks = [min(rows, n_samples - start) for start in range(0, n_samples, rows)]
-        self.chunk_bytes = [r * seq_len * config["hidden_size"] * dtype.itemsize for r in self.chunks]
+        self.chunk_bytes = [r * seq_len * self.hidden_size * dtype.itemsize for r in self.chunks]
         self.block_size = [block_param_bytes(reader, i, dtype) for i in range(reader.num_blocks)]
         self._calibrate()
 
@@ -142,6 +150,29 @@ class Replay:
         self.counts.sweeps += 1
         self.counts.plans_scored += len(plans)
 
+    def compensation(self, plan: list[Window]) -> Counts:
+        """The counts of compensate.fit_linear over the output blocks `plan` after this replay's sweeps
+        (the same residency), apart from the search's: block loads, bytes read, token forwards, spans
+        fitted and the FLOPs of their sums. Its states' tier traffic is not modelled."""
+        from slm_fast.compensate import carriers
+
+        targets = carriers(plan, self.reader.num_blocks)
+        search, self.counts = self.counts, Counts()
+        if targets:
+            specs = [self._spec(window) for window in plan[min(targets) : max(targets) + 1]]
+            self.residency.plan([spec.key for spec in specs])
+            for position, spec in enumerate(specs, start=min(targets)):
+                self._use(spec)
+                for chunk in range(len(self.chunks)):
+                    self._forward(chunk)
+                    if position in targets:
+                        self._forward(chunk)
+                if position in targets:
+                    self.counts.carriers += 1
+                    self.counts.sums_flops += 4 * self.hidden_size**2 * sum(self.chunks) * self.seq_len
+        work, self.counts = self.counts, search
+        return work
+
     def _release(self, state: int | None) -> None:
         if state is not None:
             for c in range(len(self.chunks)):
@@ -155,13 +186,13 @@ class Replay:
         return self.counts
 
 
-def predicted_sweeps(
+def predicted_steps(
     num_blocks: int, target_blocks: int, lowest: int, highest: int, placement: str = "top", seed: int = 0
-) -> list[list[tuple[Window, ...]]]:
-    """The best-first sweeps under the model's assumption: each step takes the growth whose changed
-    window sits highest (`placement="top"`: windows grow from the top of [lowest, highest] down; "bottom"
-    and "random" for other outcomes). Plans are those the search would score, minus those it scored in
-    an earlier step (memoised)."""
+):
+    """The best-first steps under the model's assumption, as (plans the step scores, windows after the
+    step): each step takes the growth whose changed window sits highest (`placement="top"`: windows grow
+    from the top of [lowest, highest] down; "bottom" and "random" for other outcomes). Plans are those
+    the search would score, minus those it scored in an earlier step (memoised)."""
     import random
 
     rng = random.Random(seed)
@@ -169,13 +200,12 @@ def predicted_sweeps(
 
     windows: list[Window] = []
     seen: set[tuple[Window, ...]] = set()
-    sweeps = []
     for _ in range(target_blocks):
         growths = _growths(windows, lowest, highest)
         if not growths:
             break
         plans = [tuple(output_blocks(grown, num_blocks)) for grown, _ in growths]
-        sweeps.append([p for p in dict.fromkeys(plans) if p not in seen])
+        fresh = [p for p in dict.fromkeys(plans) if p not in seen]
         seen.update(plans)
         if placement == "top":
             windows = max(growths, key=lambda growth: growth[1])[0]
@@ -183,7 +213,14 @@ def predicted_sweeps(
             windows = min(growths, key=lambda growth: growth[1])[0]
         else:
             windows = rng.choice(growths)[0]
-    return sweeps
+        yield fresh, windows
+
+
+def predicted_sweeps(
+    num_blocks: int, target_blocks: int, lowest: int, highest: int, placement: str = "top", seed: int = 0
+) -> list[list[tuple[Window, ...]]]:
+    """The plans of each best-first sweep under the model's assumption (`predicted_steps`)."""
+    return [plans for plans, _ in predicted_steps(num_blocks, target_blocks, lowest, highest, placement, seed)]
 
 
 def sharing_gain(plans_per_sweep: list[list[tuple[Window, ...]]], num_blocks: int) -> tuple[int, int]:
@@ -241,7 +278,20 @@ def measure_rates(
         token_forwards_per_s=rows * length / max(forward_s, 1e-9),
         disk_write_bytes_per_s=nbytes / max(write_s, 1e-9),
         disk_read_bytes_per_s=nbytes / max(disk_read_s, 1e-9),
+        sums_flops_per_s=_sums_rate(runner.device, config.hidden_size),
     )
+
+
+def _sums_rate(device: torch.device, d: int) -> float:
+    """FLOP/s of M^T M in float64 for M [tokens, d] where compensate.fit_linear accumulates (a piece of
+    at most compensate.TOKENS_PER_CHUNK tokens, fewer when d is so wide that the timing would be slow)."""
+    from slm_fast.compensate import TOKENS_PER_CHUNK, sums_device
+
+    where = sums_device(device, d, TOKENS_PER_CHUNK)
+    tokens = max(16, min(TOKENS_PER_CHUNK, int(TIMING_FLOPS / 10 // (2 * d * d))))
+    m = torch.randn(tokens, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(where)
+    m.T @ m  # warm-up
+    return 2 * tokens * d * d / max(_median_seconds(lambda: m.T @ m, where), 1e-9)
 
 
 REPEATS = 3
@@ -285,6 +335,24 @@ def summarize(counts: Counts, rates: Rates, reader: CheckpointReader, seq_len: i
     }
 
 
+def summarize_compensation(work: Counts, rates: Rates) -> dict:
+    """The compensation sweep's figures (`Replay.compensation`) with an estimated time in seconds."""
+    seconds = {
+        "read": work.bytes_read / rates.read_bytes_per_s,
+        "compute": work.token_forwards / rates.token_forwards_per_s,
+        "sums": work.sums_flops / rates.sums_flops_per_s,
+    }
+    return {
+        "carriers": work.carriers,
+        "block_loads": work.block_loads,
+        "bytes_read": work.bytes_read,
+        "token_forwards": work.token_forwards,
+        "sums_flops": work.sums_flops,
+        "seconds": sum(seconds.values()),
+        "seconds_by_part": seconds,
+    }
+
+
 def describe(figures: dict, layout: MemoryLayout) -> str:
     gb = 1e9
     peak = figures["peak_state_bytes"]
@@ -301,6 +369,16 @@ def describe(figures: dict, layout: MemoryLayout) -> str:
             figures["seconds"], **figures["seconds_by_part"]
         ),
     ]
+    if comp := figures.get("compensation"):
+        lines += [
+            f"compensation (on the assumed selection): {comp['carriers']} spans fitted, block loads "
+            f"{comp['block_loads']:,}, bytes read {comp['bytes_read'] / gb:.2f} GB, float64 FLOPs "
+            f"{comp['sums_flops']:.3e}; estimated "
+            "{:.1f} s (read {read:.1f} s, compute {compute:.1f} s, sums {sums:.1f} s)".format(
+                comp["seconds"], **comp["seconds_by_part"]
+            ),
+            f"estimated time with compensation {figures['seconds'] + comp['seconds']:.1f} s",
+        ]
     return "\n".join(lines)
 
 

@@ -273,8 +273,8 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
         bar.close()
         timings["search"] = time.perf_counter() - tick
         state_stats = combined_stats(cache.store.ledger, plan_states.ledger)
-        counted = _runner_counts(runner)  # the cost model covers calibration and search
-        compensation = None
+        counted = _runner_counts(runner)  # calibration and search; the compensation's apart
+        compensation = compensation_work = None
         if options.compensate == "linear":
             tick = time.perf_counter()
             compensation = fit_compensation(runner, cache, options, selection)
@@ -293,7 +293,8 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
     report["memory"] = layout.to_json()
     report["resumed"] = journal.resumed
     report["cost"] = _cost_report(
-        reader, options, layout, rates, runner, counted, scorer, state_stats, timings, predicted
+        reader, options, layout, rates, runner, counted, scorer, state_stats, timings, predicted, selection,
+        compensation_work,
     )  # fmt: skip
     if compensation is not None:
         report["compensation"] = compensation.to_json() | {"work": compensation_work}
@@ -433,14 +434,21 @@ def _log(options: PruneOptions, message: str) -> None:
 
 
 def _predict(reader, options, layout, rates, dtype) -> dict | None:
-    """The cost model's a-priori figures (best-first to a block count only)."""
+    """The cost model's a-priori figures (best-first to a block count only), with the compensation
+    sweep's on the selection the model assumes when --compensate linear."""
     if options.method != "slm" or options.search != "best-first" or options.threshold is not None:
         return None
     replay = cost.Replay(reader, layout, options.n_samples, options.seq_len, dtype, options.merge_rule)
     lowest, highest = options.protect_bottom, reader.num_blocks - 1 - options.protect_top
-    for plans in cost.predicted_sweeps(reader.num_blocks, _target_blocks(reader, options), lowest, highest):
+    steps = list(cost.predicted_steps(reader.num_blocks, _target_blocks(reader, options), lowest, highest))
+    for plans, _ in steps:
         replay.sweep(plans)
-    return cost.summarize(replay.finish(), rates, reader, options.seq_len, dtype)
+    assumed = steps[-1][1] if steps else []  # the windows the model assumes the search ends with
+    extra = {}
+    if options.compensate == "linear":
+        work = replay.compensation(output_blocks(assumed, reader.num_blocks))
+        extra["compensation"] = cost.summarize_compensation(work, rates)
+    return cost.summarize(replay.finish(), rates, reader, options.seq_len, dtype) | extra
 
 
 def _runner_counts(runner: BlockRunner) -> dict[str, int]:
@@ -449,13 +457,21 @@ def _runner_counts(runner: BlockRunner) -> dict[str, int]:
     return dict(zip(("block_loads", "bytes_read", "token_forwards"), counts, strict=True))
 
 
-def _cost_report(reader, options, layout, rates, runner, counted, scorer, state_stats, timings, predicted) -> dict:
+def _cost_report(
+    reader, options, layout, rates, runner, counted, scorer, state_stats, timings, predicted, selection,
+    compensation_work,
+) -> dict:  # fmt: skip
     """Predicted beside measured: the a-priori prediction (assumed steps), the same model replayed on the
     sweeps the run made, and what was counted (`counted`: the runner's counts when the search ended) and
-    timed in calibration and search. Compensation's work is reported with it, not modelled here."""
+    timed in calibration and search; the compensation sweep's likewise under "compensation" (replayed on
+    the run's `selection`, against `compensation_work`: the runner's counts during the fit)."""
     replay = cost.Replay(reader, layout, options.n_samples, options.seq_len, runner.dtype, options.merge_rule)
     for plans in scorer.sweeps:
         replay.sweep(plans)
+    compensation = None
+    if compensation_work is not None:
+        plan = output_blocks(selection.windows, reader.num_blocks, selection.dropped)
+        compensation = _compensation_cost(replay.compensation(plan), rates, compensation_work, timings, predicted)
     replayed = cost.summarize(replay.finish(), rates, reader, options.seq_len, runner.dtype)
     params = cost.block_param_bytes(reader, 0, runner.dtype) // runner.dtype.itemsize
     config = reader.config.get("text_config", reader.config)
@@ -473,6 +489,21 @@ def _cost_report(reader, options, layout, rates, runner, counted, scorer, state_
     if predicted is not None:
         out["predicted"] = predicted
         out["predicted_over_measured"] = {k: cost.within(predicted[k], measured[k]) for k in scalar}
+    if compensation is not None:
+        out["compensation"] = compensation
+    return out
+
+
+def _compensation_cost(work: cost.Counts, rates, counted: dict, timings: dict, predicted: dict | None) -> dict:
+    """The compensation sweep replayed on the run's selection beside what the runner counted and the
+    compensate seconds; the a-priori figures too when the prediction modelled it."""
+    replayed = cost.summarize_compensation(work, rates)
+    measured = {**counted, "seconds": timings["compensate"]}
+    out = {"measured": measured, "replayed": replayed}
+    out["replayed_over_measured"] = {k: cost.within(replayed[k], measured[k]) for k in measured}
+    if predicted is not None and "compensation" in predicted:
+        assumed = predicted["compensation"]
+        out["predicted_over_measured"] = {k: cost.within(assumed[k], measured[k]) for k in measured}
     return out
 
 

@@ -167,12 +167,16 @@ def test_prune_with_compensation_end_to_end(tmp_path):
     report = json.loads((tmp_path / "comp" / "slm_report.json").read_text())
     spans = report["compensation"]["spans"]
     assert spans and all(s["relative_error_after"] < s["relative_error_before"] for s in spans)
-    # The cost report covers calibration and search (replayed exactly); compensation's work beside it.
+    # The cost report replays calibration and search exactly, and the compensation sweep apart.
     assert set(report["cost"]["replayed_over_measured"].values()) <= {
         1.0,
         report["cost"]["replayed_over_measured"]["seconds"],
     }
     assert report["compensation"]["work"]["token_forwards"] > 0 and report["compensation"]["work"]["block_loads"] >= 0
+    replayed = report["cost"]["compensation"]["replayed_over_measured"]  # cost.Replay.compensation on SLEB's drops
+    assert {k: replayed[k] for k in ("block_loads", "bytes_read", "token_forwards")} == dict.fromkeys(
+        ("block_loads", "bytes_read", "token_forwards"), 1.0
+    )
     # On its own calibration tokens the compensated model is closer to the original's final states.
     ids = calibration_ids(folder, PruneOptions(**base))
 

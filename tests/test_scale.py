@@ -117,6 +117,11 @@ def test_dry_run_prints_the_cost_and_writes_nothing(source, tmp_path, capsys):
     printed = capsys.readouterr().out
     for figure in ("block loads", "bytes read", "forward FLOPs", "peak hidden states per tier", "estimated time"):
         assert figure in printed
+    assert "compensation" not in printed
+    assert main([*args, "--remove", "2", "--compensate", "linear", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "compensation (on the assumed selection): 1 spans fitted" in printed  # one window of 3 blocks
+    assert "estimated time with compensation" in printed
     assert not list(tmp_path.iterdir())
     assert main([*args, "--ratio", "0.2", "--search", "sliding", "--dry-run"]) == 2
     assert "--dry-run models SLM's best-first search" in capsys.readouterr().err
@@ -129,14 +134,26 @@ def test_the_cost_model_counts_what_the_run_does(source, tmp_path, remove, budge
     resident). One step depends on no assumption, so the a-priori prediction is exact too."""
     from slm_fast.checkpoint.writer import parse_size
 
-    prune(source, tmp_path / "out", options(source, remove=remove, memory_budget=parse_size(budget), micro_batch=1))
-    cost = json.loads((tmp_path / "out" / "slm_report.json").read_text())["cost"]
+    budget = parse_size(budget)
+    prune(
+        source,
+        tmp_path / "out",
+        options(source, remove=remove, memory_budget=budget, micro_batch=1, compensate="linear"),
+    )
+    report = json.loads((tmp_path / "out" / "slm_report.json").read_text())
+    cost = report["cost"]
     counts = ("block_loads", "bytes_read", "token_forwards", "forward_flops", "state_bytes_written", "state_bytes_read")
     assert {k: cost["replayed_over_measured"][k] for k in counts} == dict.fromkeys(counts, 1.0)
     assert cost["replayed"]["peak_state_bytes"] == cost["measured"]["peak_state_bytes"]
     if remove == 1:
         assert {k: cost["predicted_over_measured"][k] for k in counts} == dict.fromkeys(counts, 1.0)
     assert cost["measured"]["seconds"] > 0 and cost["predicted"]["seconds"] > 0
+    # The compensation sweep after the search, on the blocks the search left resident (or none)
+    compensation, counts = cost["compensation"], ("block_loads", "bytes_read", "token_forwards")
+    assert {k: compensation["replayed_over_measured"][k] for k in counts} == dict.fromkeys(counts, 1.0)
+    assert compensation["replayed"]["carriers"] == len(report["compensation"]["spans"]) > 0
+    assert compensation["replayed"]["sums_flops"] == compensation["replayed"]["carriers"] * 4 * 64**2 * 4 * 32
+    assert "compensation" in cost["predicted"] and compensation["measured"]["seconds"] > 0
 
 
 def test_compute_dtype_and_the_default_budget_are_reported(source, tmp_path):
