@@ -42,13 +42,31 @@ from harness import (
 
 from slm_fast.budget import plan_memory
 from slm_fast.checkpoint.reader import CheckpointReader
-from slm_fast.cost import Rates, Replay, flops_per_token, predicted_sweeps, sharing_gain, summarize
+from slm_fast.cost import (
+    Rates,
+    Replay,
+    flops_per_token,
+    predicted_steps,
+    predicted_sweeps,
+    sharing_gain,
+    summarize,
+    summarize_compensation,
+)
+from slm_fast.windows import output_blocks
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 SMOLLM2_VOCAB = 49152  # the tokenizer copied into the synthetic checkpoints
 SHAPE_70B = BlockShape(hidden=8192, intermediate=28672, heads=64, kv_heads=8, vocab=128256)
 SHAPE_405B = BlockShape(hidden=16384, intermediate=53248, heads=128, kv_heads=8, vocab=128256)
-H200 = dict(memory=141 * 10**9, budget_fraction=0.85, host=256 * 10**9, bf16_flops=989e12, efficiency=0.5, disk=5e9)
+H200 = dict(
+    memory=141 * 10**9,
+    budget_fraction=0.85,
+    host=256 * 10**9,
+    bf16_flops=989e12,
+    fp64_flops=67e12,
+    efficiency=0.5,
+    disk=5e9,
+)
 
 
 def narrow_shape(hidden: int) -> BlockShape:
@@ -215,10 +233,13 @@ def extrapolate_row(
     target = reader.num_blocks // 4
     layout = plan_memory(reader, samples, seq_len, dtype, torch.device(device), budget, host_bytes=host)
     replay = Replay(reader, layout, samples, seq_len, dtype, "keep_high")
-    for plans in predicted_sweeps(reader.num_blocks, target, 0, reader.num_blocks - 2):
+    steps = list(predicted_steps(reader.num_blocks, target, 0, reader.num_blocks - 2))
+    for plans, _ in steps:
         replay.sweep(plans)
+    compensation = replay.compensation(output_blocks(steps[-1][1], reader.num_blocks))
     figures = summarize(replay.finish(), rates, reader, seq_len, dtype)
     return {
+        "compensation": summarize_compensation(compensation, rates),
         "model": name,
         "blocks": reader.num_blocks,
         "remove": target,
@@ -239,6 +260,7 @@ def h200_rates(reader: CheckpointReader, seq_len: int) -> Rates:
         token_forwards_per_s=flops / per_token,
         disk_write_bytes_per_s=H200["disk"],
         disk_read_bytes_per_s=H200["disk"],
+        sums_flops_per_s=H200["fp64_flops"] * H200["efficiency"],
     )
 
 
@@ -256,6 +278,7 @@ def bench_extrapolate(args, workdir: Path) -> list[dict]:
     runner = BlockRunner(reader, micro_batch=layout.micro_batch)
     rates = measure_rates(reader, runner, layout, 512, workdir)
     runner.close()
+    cpu_sums_rate = rates.sums_flops_per_s  # float64 M^T M on this CPU, for the sums' cost off the GPU
     rows.append(
         extrapolate_row(
             f"narrow {args.hidden} (this CPU, rates measured)", reader, 16, 512, torch.float32, "cpu", budget, rates
@@ -282,20 +305,25 @@ def bench_extrapolate(args, workdir: Path) -> list[dict]:
             )
             print(rows[-1]["model"], rows[-1]["tokens"], f"{rows[-1]['seconds'] / 3600:.1f} h", flush=True)
         shutil.rmtree(folder)
+    for row in rows:
+        row["compensation"]["sums_seconds_on_this_cpu"] = row["compensation"]["sums_flops"] / cpu_sums_rate
     print("\nextrapolated (cost model), 25 % of the blocks removed by best-first")
     print(
         "| model | calib tokens | block loads | read GB | plan states GB | spilled GB "
-        "| peak device / host / disk states GB | PFLOP | read h | compute h | spill h | total h |"
+        "| peak device / host / disk states GB | PFLOP | read h | compute h | spill h | total h "
+        "| compensation: spans, h (of which sums) | the sums on this CPU h |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        peak, parts = r["peak_state_bytes"], r["seconds_by_part"]
+        peak, parts, comp = r["peak_state_bytes"], r["seconds_by_part"], r["compensation"]
         print(
             f"| {r['model']} | {r['tokens']} | {r['block_loads']:,} | {r['bytes_read'] / GB:,.0f} "
             f"| {r['max_plan_state_bytes'] / GB:,.1f} | {r['state_bytes_written'] / GB:,.0f} "
             f"| {peak['device'] / GB:,.1f} / {peak['host'] / GB:,.1f} / {peak['disk'] / GB:,.1f} "
             f"| {r['forward_flops'] / 1e15:,.1f} | {parts['read'] / 3600:.2f} | {parts['compute'] / 3600:.2f} "
-            f"| {parts['state_disk'] / 3600:.2f} | {r['seconds'] / 3600:.2f} |"
+            f"| {parts['state_disk'] / 3600:.2f} | {r['seconds'] / 3600:.2f} "
+            f"| {comp['carriers']}, {comp['seconds'] / 3600:.3f} ({comp['seconds_by_part']['sums'] / 3600:.3f}) "
+            f"| {comp['sums_seconds_on_this_cpu'] / 3600:.2f} |"
         )
     return rows
 
