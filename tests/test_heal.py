@@ -13,6 +13,12 @@ from slm_fast.errors import InputError
 from slm_fast.healing import HealOptions, heal, train
 
 IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +42,10 @@ def logits(model):
         return model.eval()(IDS).logits
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["lora", "partial"])
-def test_loss_goes_down_and_output_is_complete(source, tmp_path, mode):
-    report = heal(source, tmp_path / "out", options(source, mode=mode))
+def test_loss_goes_down_and_output_is_complete(source, tmp_path, mode, device):
+    report = heal(source, tmp_path / "out", options(source, mode=mode, device=device))
     assert sum(report.losses[-3:]) / 3 < 0.8 * sum(report.losses[:3]) / 3
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"config.json", "model.safetensors", "heal_report.json", "loss_curve.png", "tokenizer.json"} <= files
@@ -48,10 +55,12 @@ def test_loss_goes_down_and_output_is_complete(source, tmp_path, mode):
     assert not (tmp_path / ".out.heal-work").exists()
 
 
-def test_merged_checkpoint_equals_the_model_with_adapters(source, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_merged_checkpoint_equals_the_model_with_adapters(source, tmp_path, device):
+    """Trained on `device`, written and compared on the CPU."""
     from peft import PeftModel
 
-    heal(source, tmp_path / "out", options(source))
+    heal(source, tmp_path / "out", options(source, device=device))
     base = AutoModelForCausalLM.from_pretrained(source)
     with_adapters = PeftModel.from_pretrained(base, tmp_path / "out" / "adapter")
     healed = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
@@ -112,3 +121,6 @@ def test_cli_heal_and_errors(source, tmp_path, capsys):
     assert "healed (partial" in capsys.readouterr().out
     assert main(["heal", str(source), str(tmp_path / "bad"), "--corpus", corpus, "--steps", "0"]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
+    assert main(["heal", str(source), str(tmp_path / "bad"), "--corpus", corpus, "--device", "mps"]) == 2
+    assert "--device 'mps': only cpu and cuda devices are supported" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout)
     parser.add_argument("--partial-blocks", type=int, default=defaults.partial_blocks, help="last blocks trained")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", default=defaults.device, help="where to train: cpu, cuda, cuda:1, ...")
     parser.add_argument("--save-every", type=int, default=defaults.save_every, help="steps between resume points")
     parser.add_argument("--work", type=Path, default=None, help="resume folder (default: next to OUTPUT)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         lora_dropout=args.lora_dropout,
         partial_blocks=args.partial_blocks,
         seed=args.seed,
+        device=args.device,
         save_every=args.save_every,
         work=args.work,
         overwrite=args.overwrite,

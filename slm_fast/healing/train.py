@@ -9,7 +9,11 @@
 Resumable: every `save_every` steps the trainable tensors, the optimizer state and the losses go to a
 work folder (default: next to OUT); a rerun with the same options continues from there. Each step's
 batch and dropout noise depend only on the seed and the step, so a resumed run equals an
-uninterrupted one. The work folder is removed once OUT is complete.
+uninterrupted one (on the same kind of device: CPU and CUDA draw dropout noise from different
+generators, and a run may resume on another device). The work folder is removed once OUT is complete.
+
+Training runs in float32 on `device` (a GPU for anything beyond a small model); the result is written
+back in the checkpoint's own dtype.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slm_fast.checkpoint.staging import check_output_location, copy_tagalong_files, staged_folder
+from slm_fast.devices import check_device
 from slm_fast.errors import InputError
 from slm_fast.healing.curve import plot_loss_curve
 from slm_fast.healing.data import batch_for_step, training_windows
@@ -51,6 +56,7 @@ class HealOptions:
     lora_dropout: float = 0.05
     partial_blocks: int = 3
     seed: int = 1234
+    device: str = "cpu"
     save_every: int = 25
     work: Path | None = None  # default: OUT's parent / .OUT.heal-work
     overwrite: bool = False
@@ -70,7 +76,8 @@ class HealOptions:
 
     def fingerprint(self) -> str:
         """What a resumed run must share with the interrupted one."""
-        fields = {k: v for k, v in asdict(self).items() if k not in ("work", "overwrite", "progress", "save_every")}
+        ignored = ("work", "overwrite", "progress", "save_every", "device")
+        fields = {k: v for k, v in asdict(self).items() if k not in ignored}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -99,6 +106,7 @@ class HealReport:
 def heal(source: str | Path, output: str | Path, options: HealOptions) -> HealReport:
     started = time.perf_counter()
     options.validated()
+    device = check_device(options.device)
     source, output = Path(source), Path(output)
     if not (source / "config.json").is_file():
         raise InputError(f"{source} is not a checkpoint folder (no config.json)")
@@ -107,7 +115,8 @@ def heal(source: str | Path, output: str | Path, options: HealOptions) -> HealRe
     windows = training_windows(source, options.corpus, options.cutoff)
 
     model, dtype = _load(source)
-    torch.manual_seed(options.seed)  # LoRA's A matrices are drawn at random
+    model.to(device)
+    torch.manual_seed(options.seed)  # LoRA's A matrices are drawn at random (on the device's generator)
     model = prepare(model, options)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=options.lr)
@@ -118,11 +127,8 @@ def heal(source: str | Path, output: str | Path, options: HealOptions) -> HealRe
         total=options.steps, initial=start, desc=f"healing ({options.mode})", unit="step", disable=not options.progress
     )
     for step in range(start, options.steps):
-        losses.append(
-            train_step(
-                model, optimizer, batch_for_step(windows, step, options.batch_size, options.seed), options.seed + step
-            )
-        )
+        batch = batch_for_step(windows, step, options.batch_size, options.seed).to(device)
+        losses.append(train_step(model, optimizer, batch, options.seed + step))
         bar.update()
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if (step + 1) % options.save_every == 0 and step + 1 < options.steps:
@@ -144,7 +150,7 @@ def heal(source: str | Path, output: str | Path, options: HealOptions) -> HealRe
         model.eval()
         if options.mode == "lora":
             model.save_pretrained(staging / "adapter")
-        merged(model).to(dtype).save_pretrained(staging, safe_serialization=True)
+        merged(model).to("cpu", dtype).save_pretrained(staging, safe_serialization=True)
         copy_tagalong_files(source, staging)
         plot_loss_curve(losses, staging / CURVE_NAME, title=f"{source.name}: {options.mode} healing")
         record = {"source": str(source.resolve()), "options": asdict(options) | {"work": str(work)}, **asdict(report)}
@@ -233,7 +239,7 @@ def _resume(work: Path, model: nn.Module, optimizer, options: HealOptions) -> tu
     path = work / STATE_NAME
     if not path.is_file():
         return 0, []
-    state = torch.load(path, weights_only=True)
+    state = torch.load(path, weights_only=True, map_location="cpu")
     if state["fingerprint"] != options.fingerprint():
         raise InputError(
             f"{path} belongs to a healing run with other options; rerun with those, or delete {work} to start over"
