@@ -283,19 +283,22 @@ def measure_rates(
 
 
 def _sums_rate(device: torch.device, d: int) -> float:
-    """FLOP/s of M^T M in float64 for M [tokens, d] where compensate.fit_linear accumulates (a piece of
-    at most compensate.TOKENS_PER_CHUNK tokens, fewer when d is so wide that the timing would be slow)."""
+    """FLOP/s of M^T M in float64 where compensate.fit_linear accumulates, timed on M [tokens, w] with
+    w = min(d, 1024): a product that stays compute-bound like the fit's (pieces of up to
+    compensate.TOKENS_PER_CHUNK tokens) and takes milliseconds; GEMM rates change little beyond."""
     from slm_fast.compensate import TOKENS_PER_CHUNK, sums_device
 
     where = sums_device(device, d, TOKENS_PER_CHUNK)
-    tokens = max(16, min(TOKENS_PER_CHUNK, int(TIMING_FLOPS / 10 // (2 * d * d))))
-    m = torch.randn(tokens, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(where)
+    width = min(d, 1024)
+    tokens = max(16, min(TOKENS_PER_CHUNK, int(SUMS_TIMING_FLOPS // (2 * width * width))))
+    m = torch.randn(tokens, width, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(where)
     m.T @ m  # warm-up
-    return 2 * tokens * d * d / max(_median_seconds(lambda: m.T @ m, where), 1e-9)
+    return 2 * tokens * width * width / max(_median_seconds(lambda: m.T @ m, where), 1e-9)
 
 
 REPEATS = 3
 TIMING_FLOPS = 5e10  # at most this much compute per timed forward
+SUMS_TIMING_FLOPS = 1e9  # per timed float64 product (a CPU does some 10-50 GFLOP/s)
 
 
 def _median_seconds(work, device) -> float:
