@@ -27,6 +27,9 @@ selection, a SLEB prefix, a compensation fitted again, a heal run again on the r
 checked against the row's validation NLLs.
 `--zero-shot ROW ...` scores rows on the seven tasks through `slm-fast evaluate` (ARC-c, OBQA,
 WinoGrande whole; the others on 500 documents), one task per run, with the harness's standard errors.
+Different methods often choose the same model (SLEB dropping blocks 8-13 and SLM's keep_high window
+8-14 write the same weights): a row whose weights equal a scored row's (weights_digest) takes its
+scores, marked so, instead of being evaluated again.
 
 Per removal, the pruning configuration of lowest mean validation log-perplexity is marked chosen;
 bench/quality_choice.py chooses the default over every model and removal. The held-out table then says
@@ -343,6 +346,43 @@ def zero_shot(model: Path, results: dict, save, device: str = "cpu") -> None:
         save()
 
 
+def weights_digest(model: Path) -> str:
+    """sha256 of a checkpoint's config (sorted) and of every tensor (name, dtype, shape, bytes) in its
+    safetensors files, in name order: equal for the same model whatever wrote it."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    digest = hashlib.sha256(json.dumps(json.loads((model / "config.json").read_text()), sort_keys=True).encode())
+    shards = [safe_open(path, framework="pt") for path in sorted(model.glob("*.safetensors"))]
+    holder = {name: shard for shard in shards for name in shard.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    for name in sorted(holder):
+        tensor = holder[name].get_tensor(name)
+        digest.update(f"{name} {tensor.dtype} {list(tensor.shape)}".encode())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def scored_twin(model: Path, workdir: Path, results: dict, key: str) -> str | None:
+    """A row at the same removal with all seven tasks scored (not healed: re-creating those means
+    training) whose weights equal `key`'s; digests are kept in the rows ("weights_digest"), a row's
+    model re-created once to compute its own."""
+    remove = key.split("/", 1)[0]
+
+    def digest(name: str) -> str:
+        if "weights_digest" not in results[name]:
+            results[name]["weights_digest"] = weights_digest(restore_model(model, workdir, results, name))
+        return results[name]["weights_digest"]
+
+    candidates = [
+        k for k, row in results.items()
+        if k != key and k.split("/", 1)[0] == remove and "heal" not in row
+        and all(t in row.get("zero_shot", {}) for t in ZERO_SHOT_TASKS)
+    ]  # fmt: skip
+    mine = digest(key)
+    return next((k for k in candidates if digest(k) == mine), None)
+
+
 def window_nlls(model: Path, corpus: str, windows: int) -> list[float]:
     """Mean next-token NLL (nats) of each of the first `windows` windows of `corpus`, block-streamed."""
     from transformers import AutoTokenizer
@@ -458,6 +498,12 @@ def main() -> None:
             if key not in results:
                 raise SystemExit(f"--zero-shot {key}: no such row in {args.results}")
             model = args.model if key == "dense" else restore_model(args.model, args.workdir, results, key)
+            if key != "dense" and (twin := scored_twin(args.model, args.workdir, results, key)):
+                results[key]["zero_shot"] = dict(results[twin]["zero_shot"])
+                results[key]["zero_shot_of"] = twin
+                print(f"zero-shot {key}: the weights of {twin}, whose scores it takes", flush=True)
+                save()
+                continue
             print(f"zero-shot {key}", flush=True)
             zero_shot(model, results[key].setdefault("zero_shot", {}), save, args.zero_shot_device)
     args.out.write_text(markdown(results, args))
@@ -588,7 +634,8 @@ def _zero_shot_table(results: dict) -> list[str]:
         f"their first {ZERO_SHOT_DOCS} documents; the papers' metric (acc or acc_norm) ± standard error, in %. "
         "The averages (± their standard errors, tasks taken as independent) only where all seven ran; seconds "
         "marked with the device where a task ran off the CPU, and with `rows` where tasks were scored row by row "
-        "(before prefix trees: ~1.8x the time).",
+        "(before prefix trees: ~1.8x the time); `= ROW` where the model's weights are ROW's (its scores, not run "
+        "again).",
         "",
         "| model | " + " | ".join(ZERO_SHOT_TASKS) + " | average | w/o boolq | s |",
         "|" + "---|" * (len(ZERO_SHOT_TASKS) + 4),
@@ -604,6 +651,8 @@ def _zero_shot_table(results: dict) -> list[str]:
         devices = sorted({t.get("device", "cpu") for t in tasks.values()} - {"cpu"})
         devices += ["rows"] if not all(t.get("shared_prefixes") for t in tasks.values()) else []
         seconds = " ".join([f"{sum(t['seconds'] for t in tasks.values()):.0f}", *devices])
+        if twin := results[key].get("zero_shot_of"):
+            seconds = f"= {twin}"
         lines.append("| " + " | ".join([key, *cells, *averages, seconds]) + " |")
     return [*lines, ""]
 

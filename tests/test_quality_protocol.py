@@ -126,6 +126,31 @@ def test_a_healed_row_is_restored_by_healing_again(pruned, tmp_path):
         protocol.restore_model(model, tmp_path / "other", other, "2/slm+lora")
 
 
+def test_a_row_with_the_weights_of_a_scored_row_is_its_twin(pruned, tmp_path):
+    """Rows whose selections write the same weights are twins (their digests are kept); another
+    selection is not; a row without all seven tasks scored is no candidate."""
+    from slm_fast.export import export_merged_checkpoint
+
+    model, _, recorded, nll = pruned
+    scores = {t: {"score": 0.5, "stderr": 0.02, "documents": 10, "seconds": 3.0} for t in protocol.ZERO_SHOT_TASKS}
+    other = recorded | {"windows": [], "dropped": [0, 1]}
+    export_merged_checkpoint(model, tmp_path / "drop01", [], dropped=[0, 1], progress=False)
+    other_nll = {corpus: protocol.window_nlls(tmp_path / "drop01", corpus, 4) for corpus in protocol.VALIDATION}
+    results = {
+        "2/slm": {"prune": recorded, "nll": nll, "zero_shot": scores},
+        "2/gromov": {"prune": recorded, "nll": nll},  # the same selection: the same weights
+        "2/last-n": {"prune": other, "nll": other_nll},
+    }
+    work = tmp_path / "work"
+    assert protocol.scored_twin(model, work, results, "2/gromov") == "2/slm"
+    assert protocol.scored_twin(model, work, results, "2/last-n") is None
+    digests = {key: row["weights_digest"] for key, row in results.items()}
+    assert digests["2/slm"] == digests["2/gromov"] != digests["2/last-n"]
+    assert protocol.weights_digest(tmp_path / "drop01") == digests["2/last-n"]  # whatever wrote it
+    del results["2/slm"]["zero_shot"]["boolq"]
+    assert protocol.scored_twin(model, work, results, "2/gromov") is None
+
+
 def test_zero_shot_alone_measures_no_new_row():
     only_scores = protocol.parse_args(["--model", "m", "--zero-shot", "6/slm+comp"])
     assert only_scores.configs == [] and only_scores.zero_shot == ["6/slm+comp"]
@@ -173,11 +198,13 @@ def test_zero_shot_table_averages_and_marks_devices():
         "dense": {"zero_shot": scored(0.4, shared=False)},
         "4/slm": {"zero_shot": {"boolq": scored(0.4)["boolq"]}},
         "4/gromov": {"nll": {}},
+        "6/sleb": {"zero_shot": scored(1.0, "cuda"), "zero_shot_of": "6/slm"},
     }
     lines = protocol._zero_shot_table(results)
     cells = [line.strip("| ").split(" | ") for line in lines if line.startswith("| ") and "±" in line]
     rows = {row[0]: row for row in cells}
-    assert list(rows) == ["dense", "4/slm", "6/slm"]
+    assert list(rows) == ["dense", "4/slm", "6/slm", "6/sleb"]
+    assert rows["6/sleb"][-1] == "= 6/slm" and rows["6/sleb"][1:-1] == rows["6/slm"][1:-1]
     se = f"{100 * math.sqrt(len(tasks) * 0.02**2) / len(tasks):.1f}"
     se_six = f"{100 * math.sqrt((len(tasks) - 1) * 0.02**2) / (len(tasks) - 1):.1f}"
     assert rows["dense"][-3:] == [f"40.0 ± {se}", f"40.0 ± {se_six}", f"{10 * len(tasks)} rows"]
