@@ -380,7 +380,8 @@ def scored_twin(model: Path, workdir: Path, results: dict, key: str) -> str | No
         and all(t in row.get("zero_shot", {}) for t in ZERO_SHOT_TASKS)
     ]  # fmt: skip
     mine = digest(key)
-    return next((k for k in candidates if digest(k) == mine), None)
+    twin = next((k for k in candidates if digest(k) == mine), None)
+    return results[twin].get("zero_shot_of", twin) if twin else None  # the row that was evaluated
 
 
 def window_nlls(model: Path, corpus: str, windows: int) -> list[float]:

@@ -147,6 +147,9 @@ def test_a_row_with_the_weights_of_a_scored_row_is_its_twin(pruned, tmp_path):
     digests = {key: row["weights_digest"] for key, row in results.items()}
     assert digests["2/slm"] == digests["2/gromov"] != digests["2/last-n"]
     assert protocol.weights_digest(tmp_path / "drop01") == digests["2/last-n"]  # whatever wrote it
+    results["2/gromov"] |= {"zero_shot": scores, "zero_shot_of": "2/slm"}
+    results = {"2/gromov": results["2/gromov"], **results, "2/sleb": {"prune": recorded, "nll": nll}}  # copy first
+    assert protocol.scored_twin(model, work, results, "2/sleb") == "2/slm"  # the row evaluated, not a copy
     del results["2/slm"]["zero_shot"]["boolq"]
     assert protocol.scored_twin(model, work, results, "2/gromov") is None
 
