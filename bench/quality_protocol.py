@@ -376,12 +376,16 @@ def scored_twin(model: Path, workdir: Path, results: dict, key: str) -> str | No
 
     candidates = [
         k for k, row in results.items()
-        if k != key and k.split("/", 1)[0] == remove and "heal" not in row
-        and all(t in row.get("zero_shot", {}) for t in ZERO_SHOT_TASKS)
+        if k != key and row.get("zero_shot_of") != key and k.split("/", 1)[0] == remove and "heal" not in row
+        and _zero_shot_complete(row)
     ]  # fmt: skip
     mine = digest(key)
     twin = next((k for k in candidates if digest(k) == mine), None)
     return results[twin].get("zero_shot_of", twin) if twin else None  # the row that was evaluated
+
+
+def _zero_shot_complete(row: dict) -> bool:
+    return all(task in row.get("zero_shot", {}) for task in ZERO_SHOT_TASKS)
 
 
 def window_nlls(model: Path, corpus: str, windows: int) -> list[float]:
@@ -499,7 +503,8 @@ def main() -> None:
             if key not in results:
                 raise SystemExit(f"--zero-shot {key}: no such row in {args.results}")
             model = args.model if key == "dense" else restore_model(args.model, args.workdir, results, key)
-            if key != "dense" and (twin := scored_twin(args.model, args.workdir, results, key)):
+            scored = _zero_shot_complete(results[key])
+            if key != "dense" and not scored and (twin := scored_twin(args.model, args.workdir, results, key)):
                 results[key]["zero_shot"] = dict(results[twin]["zero_shot"])
                 results[key]["zero_shot_of"] = twin
                 print(f"zero-shot {key}: the weights of {twin}, whose scores it takes", flush=True)

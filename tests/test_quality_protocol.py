@@ -150,6 +150,7 @@ def test_a_row_with_the_weights_of_a_scored_row_is_its_twin(pruned, tmp_path):
     results["2/gromov"] |= {"zero_shot": scores, "zero_shot_of": "2/slm"}
     results = {"2/gromov": results["2/gromov"], **results, "2/sleb": {"prune": recorded, "nll": nll}}  # copy first
     assert protocol.scored_twin(model, work, results, "2/sleb") == "2/slm"  # the row evaluated, not a copy
+    assert protocol.scored_twin(model, work, results, "2/slm") is None  # not its own copy's twin
     del results["2/slm"]["zero_shot"]["boolq"]
     assert protocol.scored_twin(model, work, results, "2/gromov") is None
 
