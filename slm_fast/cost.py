@@ -1,12 +1,16 @@
-"""The cost model of a best-first prune run: what it will read, write and compute, and how long that takes.
+"""The cost model of a greedy prune run (SLM's best-first search, SLEB's removal loop): what it will read,
+write and compute, and how long that takes.
 
 The counts come from replaying the run's own schedule without computing anything: the calibration
-sweep, then every best-first step's sweep (`slm.sweep_schedule`), through the same block residency
+sweep, then every search step's sweep (`slm.sweep_schedule`), through the same block residency
 policy (`PlannedResidency`) and the same tier placement (`TierLedger`) that the real run uses, so block
 loads, bytes, forward tokens and tier peaks are those of the real run whenever the replayed steps are
-the steps the run takes. Before a run the steps are not known: `predict` assumes the search removes
-blocks from the top of the allowed range down (the usual outcome on trained models; the departures,
-and so the cost, grow as windows sit lower). After a run, `replay` takes the sweeps it really made.
+the steps the run takes. Before a run the steps are not known: `predicted_steps` and
+`predicted_sleb_steps` assume the search removes blocks from the top of the allowed range down (the
+usual outcome on trained models; the departures, and so the cost, grow as windows sit lower). After a
+run, the Replay takes the sweeps it really made. The logit criteria (kl, ppl; SLEB's ppl) also pass
+every scored plan's tokens through the model's head (`head_tokens_per_plan`), which for a small model
+with a large vocabulary is most of the work.
 
 `--compensate linear` adds one bottom-up sweep after the search (`Replay.compensation`): each output
 block from the lowest carrier to the highest built once, the tokens through it (a carrier's twice: the
@@ -44,11 +48,28 @@ def flops_per_token(config: dict, seq_len: int, block_params: int) -> float:
     return 2 * block_params + 4 * seq_len * heads * head_dim
 
 
+def head_flops_per_token(config: dict) -> float:
+    """Forward FLOPs of one token through the head (the logits' matmul; the log-softmax is of lower order)."""
+    return 2 * config["hidden_size"] * config["vocab_size"]
+
+
+def head_tokens_per_plan(criterion: str, n_samples: int, seq_len: int) -> int:
+    """Tokens one scored plan passes through the head under `criterion` (criteria.similarity_to_reference):
+    kl takes the reference's and the candidate's logits of every token, ppl the candidate's of every token
+    but the last of each sample; each call also probes one row for the vocabulary size. 0 for the rest."""
+    if criterion == "kl":
+        return 1 + 2 * n_samples * seq_len
+    if criterion == "ppl":
+        return 1 + n_samples * (seq_len - 1)
+    return 0
+
+
 @dataclass
 class Counts:
     block_loads: int = 0
     bytes_read: int = 0
     token_forwards: int = 0
+    head_tokens: int = 0  # tokens through the head (the logit criteria)
     state_bytes_written: int = 0  # to the disk tier
     state_bytes_read: int = 0  # from the disk tier
     peak_bytes: dict = field(default_factory=dict)  # per tier, hidden states
@@ -72,12 +93,17 @@ class Rates:
 
 
 class Replay:
-    """The run's schedule without tensors: calibration, then one sweep per call of `sweep`."""
+    """The run's schedule without tensors: calibration, then one sweep per call of `sweep`, each scored plan
+    passing `head_tokens_per_plan` tokens through the head."""
 
-    def __init__(self, reader: CheckpointReader, layout: MemoryLayout, n_samples: int, seq_len: int, dtype, rule):
+    def __init__(
+        self, reader: CheckpointReader, layout: MemoryLayout, n_samples: int, seq_len: int, dtype, rule,
+        head_tokens_per_plan: int = 0,
+    ):  # fmt: skip
         from slm_fast.slm import window_block
 
         self.reader, self.rule, self.seq_len = reader, rule, seq_len
+        self.head_tokens_per_plan = head_tokens_per_plan
         self._spec = lambda window: window_block(window, rule, reader)
         self.counts = Counts()
         self.residency = PlannedResidency(layout.block_bytes)
@@ -149,6 +175,7 @@ class Replay:
             self._release(shared.finish(index))
         self.counts.sweeps += 1
         self.counts.plans_scored += len(plans)
+        self.counts.head_tokens += len(plans) * self.head_tokens_per_plan
 
     def compensation(self, plan: list[Window]) -> Counts:
         """The counts of compensate.fit_linear over the output blocks `plan` after this replay's sweeps
@@ -221,6 +248,20 @@ def predicted_sweeps(
 ) -> list[list[tuple[Window, ...]]]:
     """The plans of each best-first sweep under the model's assumption (`predicted_steps`)."""
     return [plans for plans, _ in predicted_steps(num_blocks, target_blocks, lowest, highest, placement, seed)]
+
+
+def predicted_sleb_steps(num_blocks: int, remove: int):
+    """SLEB's steps (baselines.sleb_search) under the model's assumption, as (plans the step scores,
+    blocks dropped after the step): each step scores the removal of every block but the first, the last
+    and those already dropped, and drops the highest. No plan recurs, so none is memoised."""
+    dropped: list[int] = []
+    for _ in range(remove):
+        candidates = [b for b in range(1, num_blocks - 1) if b not in dropped]
+        if not candidates:
+            break
+        plans = [tuple(output_blocks([], num_blocks, [*dropped, b])) for b in candidates]
+        dropped = [*dropped, max(candidates)]
+        yield plans, dropped
 
 
 def sharing_gain(plans_per_sweep: list[list[tuple[Window, ...]]], num_blocks: int) -> tuple[int, int]:
@@ -316,9 +357,12 @@ def summarize(counts: Counts, rates: Rates, reader: CheckpointReader, seq_len: i
     """The figures the dry run prints and the report records, with an estimated time in seconds."""
     config = reader.config.get("text_config", reader.config)
     params = block_param_bytes(reader, 0, dtype) // dtype.itemsize
+    block_flops = flops_per_token(config, seq_len, params)
+    head_flops = counts.head_tokens * head_flops_per_token(config)
     seconds = {
         "read": counts.bytes_read / rates.read_bytes_per_s,
         "compute": counts.token_forwards / rates.token_forwards_per_s,
+        "head": head_flops / (rates.token_forwards_per_s * block_flops),  # at the blocks' FLOP rate
         "state_disk": counts.state_bytes_written / rates.disk_write_bytes_per_s
         + counts.state_bytes_read / rates.disk_read_bytes_per_s,
     }
@@ -327,8 +371,10 @@ def summarize(counts: Counts, rates: Rates, reader: CheckpointReader, seq_len: i
         "bytes_read": counts.bytes_read,
         "state_bytes_written": counts.state_bytes_written,
         "state_bytes_read": counts.state_bytes_read,
-        "forward_flops": counts.token_forwards * flops_per_token(config, seq_len, params),
+        "forward_flops": counts.token_forwards * block_flops,
         "token_forwards": counts.token_forwards,
+        "head_tokens": counts.head_tokens,
+        "head_flops": head_flops,
         "peak_state_bytes": counts.peak_bytes,
         "max_plan_state_bytes": counts.max_plan_state_bytes,
         "sweeps": counts.sweeps,
@@ -361,17 +407,24 @@ def describe(figures: dict, layout: MemoryLayout) -> str:
     peak = figures["peak_state_bytes"]
     lines = [
         layout.describe(),
-        f"best-first sweeps {figures['sweeps']} after the calibration sweep, plans scored {figures['plans_scored']}",
+        f"search sweeps {figures['sweeps']} after the calibration sweep, plans scored {figures['plans_scored']}",
         f"block loads {figures['block_loads']:,}, checkpoint bytes read {figures['bytes_read'] / gb:.2f} GB",
         f"hidden states spilled: written {figures['state_bytes_written'] / gb:.2f} GB, read back "
         f"{figures['state_bytes_read'] / gb:.2f} GB; plan states at most {figures['max_plan_state_bytes'] / gb:.3f} GB",
         f"peak hidden states per tier: device {peak.get('device', 0) / gb:.3f} GB, "
         f"host {peak.get('host', 0) / gb:.3f} GB, disk {peak.get('disk', 0) / gb:.3f} GB",
         f"forward FLOPs {figures['forward_flops']:.3e}",
-        "estimated time {:.1f} s (read {read:.1f} s, compute {compute:.1f} s, state disk {state_disk:.1f} s)".format(
-            figures["seconds"], **figures["seconds_by_part"]
-        ),
     ]
+    parts = figures["seconds_by_part"]
+    head = ""
+    if figures["head_tokens"]:
+        tokens, flops = figures["head_tokens"], figures["head_flops"]
+        lines.append(f"head (the criterion's logits): {tokens:,} tokens, {flops:.3e} FLOPs")
+        head = f", head {parts['head']:.1f} s"
+    lines.append(
+        f"estimated time {figures['seconds']:.1f} s (read {parts['read']:.1f} s, compute {parts['compute']:.1f} s"
+        f"{head}, state disk {parts['state_disk']:.1f} s)"
+    )
     if comp := figures.get("compensation"):
         lines += [
             f"compensation (on the assumed selection): {comp['carriers']} spans fitted, block loads "

@@ -273,7 +273,8 @@ def prune(source: str | Path, output: str | Path, options: PruneOptions) -> Prun
         bar.close()
         timings["search"] = time.perf_counter() - tick
         state_stats = combined_stats(cache.store.ledger, plan_states.ledger)
-        counted = _runner_counts(runner)  # calibration and search; the compensation's apart
+        # calibration and search (the head's tokens are the search's logit criteria); the compensation's apart
+        counted = _runner_counts(runner) | {"head_tokens": runner.head_tokens}
         compensation = compensation_work = None
         if options.compensate == "linear":
             tick = time.perf_counter()
@@ -376,10 +377,10 @@ def estimate(source: str | Path, options: PruneOptions) -> str:
     """`--dry-run`: the cost model's figures for this run (block loads, bytes, FLOPs, peak memory per
     tier, seconds from rates measured here), without calibrating, searching or writing anything."""
     options = _resolved(options)
-    if options.method != "slm" or options.search != "best-first" or options.threshold is not None:
+    if not _modelled(options):
         raise InputError(
-            "--dry-run models SLM's best-first search to a block count: give --method slm (--search best-first) "
-            "with --remove or --ratio"
+            "--dry-run models a greedy search to a block count: give --method slm (--search best-first) or "
+            "--method sleb, with --remove or --ratio"
         )
     reader = CheckpointReader(source)
     runner, _, _, layout = _runtime(reader, options, options.n_samples, spill_dir=None)
@@ -434,21 +435,39 @@ def _log(options: PruneOptions, message: str) -> None:
 
 
 def _predict(reader, options, layout, rates, dtype) -> dict | None:
-    """The cost model's a-priori figures (best-first to a block count only), with the compensation
-    sweep's on the selection the model assumes when --compensate linear."""
-    if options.method != "slm" or options.search != "best-first" or options.threshold is not None:
+    """The cost model's a-priori figures for a greedy search to a block count (SLM's best-first, SLEB's
+    loop), with the compensation sweep's on the selection the model assumes when --compensate linear;
+    None for the searches it does not model."""
+    if not _modelled(options):
         return None
-    replay = cost.Replay(reader, layout, options.n_samples, options.seq_len, dtype, options.merge_rule)
-    lowest, highest = options.protect_bottom, reader.num_blocks - 1 - options.protect_top
-    steps = list(cost.predicted_steps(reader.num_blocks, _target_blocks(reader, options), lowest, highest))
-    for plans, _ in steps:
-        replay.sweep(plans)
-    assumed = steps[-1][1] if steps else []  # the windows the model assumes the search ends with
+    replay = _replay(reader, options, layout, dtype)
+    target = _target_blocks(reader, options)
+    if options.method == "sleb":
+        steps = list(cost.predicted_sleb_steps(reader.num_blocks, target))
+        for plans, _ in steps:
+            replay.sweep(plans)
+        assumed = output_blocks([], reader.num_blocks, steps[-1][1] if steps else [])
+    else:
+        lowest, highest = options.protect_bottom, reader.num_blocks - 1 - options.protect_top
+        steps = list(cost.predicted_steps(reader.num_blocks, target, lowest, highest))
+        for plans, _ in steps:
+            replay.sweep(plans)
+        assumed = output_blocks(steps[-1][1] if steps else [], reader.num_blocks)
     extra = {}
     if options.compensate == "linear":
-        work = replay.compensation(output_blocks(assumed, reader.num_blocks))
-        extra["compensation"] = cost.summarize_compensation(work, rates)
+        extra["compensation"] = cost.summarize_compensation(replay.compensation(assumed), rates)
     return cost.summarize(replay.finish(), rates, reader, options.seq_len, dtype) | extra
+
+
+def _modelled(options: PruneOptions) -> bool:
+    """Whether the cost model predicts this run: a greedy search (SLM best-first, SLEB) to a block count."""
+    greedy = options.method == "sleb" or (options.method == "slm" and options.search == "best-first")
+    return greedy and options.threshold is None
+
+
+def _replay(reader, options, layout, dtype) -> cost.Replay:
+    head_tokens = cost.head_tokens_per_plan(options.scoring_criterion, options.n_samples, options.seq_len)
+    return cost.Replay(reader, layout, options.n_samples, options.seq_len, dtype, options.merge_rule, head_tokens)
 
 
 def _runner_counts(runner: BlockRunner) -> dict[str, int]:
@@ -465,7 +484,7 @@ def _cost_report(
     sweeps the run made, and what was counted (`counted`: the runner's counts when the search ended) and
     timed in calibration and search; the compensation sweep's likewise under "compensation" (replayed on
     the run's `selection`, against `compensation_work`: the runner's counts during the fit)."""
-    replay = cost.Replay(reader, layout, options.n_samples, options.seq_len, runner.dtype, options.merge_rule)
+    replay = _replay(reader, options, layout, runner.dtype)
     for plans in scorer.sweeps:
         replay.sweep(plans)
     compensation = None
@@ -478,6 +497,7 @@ def _cost_report(
     measured = {
         **counted,
         "forward_flops": counted["token_forwards"] * cost.flops_per_token(config, options.seq_len, params),
+        "head_flops": counted["head_tokens"] * cost.head_flops_per_token(config),
         "state_bytes_written": state_stats["disk_bytes_written"],
         "state_bytes_read": state_stats["disk_bytes_read"],
         "peak_state_bytes": state_stats["peak_bytes"],

@@ -123,8 +123,13 @@ def test_dry_run_prints_the_cost_and_writes_nothing(source, tmp_path, capsys):
     assert "compensation (on the assumed selection): 1 spans fitted" in printed  # one window of 3 blocks
     assert "estimated time with compensation" in printed
     assert not list(tmp_path.iterdir())
+    assert main([*args, "--remove", "2", "--method", "sleb", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "search sweeps 2 after the calibration sweep, plans scored 15" in printed  # 8 + 7 candidates
+    assert f"head (the criterion's logits): {15 * (1 + 4 * 31):,} tokens" in printed  # ppl: 4 x 31 targets + probe
+    assert not list(tmp_path.iterdir())
     assert main([*args, "--ratio", "0.2", "--search", "sliding", "--dry-run"]) == 2
-    assert "--dry-run models SLM's best-first search" in capsys.readouterr().err
+    assert "--dry-run models a greedy search to a block count" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("remove, budget", [(1, "1MB"), (3, "300KB"), (3, "10GB")])
@@ -154,6 +159,23 @@ def test_the_cost_model_counts_what_the_run_does(source, tmp_path, remove, budge
     assert compensation["replayed"]["carriers"] == len(report["compensation"]["spans"]) > 0
     assert compensation["replayed"]["sums_flops"] == compensation["replayed"]["carriers"] * 4 * 64**2 * 4 * 32
     assert "compensation" in cost["predicted"] and compensation["measured"]["seconds"] > 0
+
+
+@pytest.mark.parametrize("method, criterion, remove", [("sleb", "cosine", 1), ("sleb", "cosine", 3), ("slm", "kl", 1)])
+def test_the_cost_model_counts_the_head_work_of_the_logit_criteria(source, tmp_path, method, criterion, remove):
+    """SLEB (ppl) and --criterion kl pass every scored plan's tokens through the head: the model counts
+    them as the run does, and predicts SLEB's loop exactly for one step (none depends on an assumption)
+    and its head tokens at any count (each step scores every remaining candidate, whichever it drops)."""
+    run = options(source, method=method, criterion=criterion, remove=remove, memory_budget=2**20, micro_batch=1)
+    prune(source, tmp_path / "out", run)
+    cost = json.loads((tmp_path / "out" / "slm_report.json").read_text())["cost"]
+    counts = ("block_loads", "bytes_read", "token_forwards", "head_tokens", "head_flops", "state_bytes_written")
+    assert {k: cost["replayed_over_measured"][k] for k in counts} == dict.fromkeys(counts, 1.0)
+    per_plan = 1 + 2 * 4 * 32 if criterion == "kl" and method == "slm" else 1 + 4 * 31
+    assert cost["measured"]["head_tokens"] == cost["replayed"]["plans_scored"] * per_plan > 0
+    exact = counts if remove == 1 else ("head_tokens", "head_flops")
+    assert {k: cost["predicted_over_measured"][k] for k in exact} == dict.fromkeys(exact, 1.0)
+    assert cost["predicted"]["seconds_by_part"]["head"] > 0
 
 
 def test_compute_dtype_and_the_default_budget_are_reported(source, tmp_path):

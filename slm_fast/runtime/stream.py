@@ -62,7 +62,7 @@ class BlockRunner:
     prefetch: read the next planned block on a background thread while the current one computes.
 
     Counters: `blocks_loaded` (checkpoint blocks read), `bytes_read` (their bytes), `token_forwards`
-    (tokens passed through one block, summed over calls).
+    (tokens passed through one block, summed over calls), `head_tokens` (tokens passed through the head).
     """
 
     def __init__(
@@ -86,6 +86,7 @@ class BlockRunner:
         self.blocks_loaded = 0
         self.bytes_read = 0
         self.token_forwards = 0
+        self.head_tokens = 0
 
     @property
     def num_blocks(self) -> int:
@@ -151,6 +152,7 @@ class BlockRunner:
 
     @torch.inference_mode()
     def logits(self, normed: Tensor) -> Tensor:
+        self.head_tokens += normed.shape[:-1].numel()
         return self.parts.logits(normed)
 
     # -- blocks ------------------------------------------------------------------------------------
