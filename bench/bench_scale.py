@@ -14,8 +14,9 @@ Parts (each prints a table; `--json` keeps the raw figures):
 - `extrapolate`: the cost model, with no weights at all (header-only sparse checkpoints), for the
   issue's configuration (80 narrow blocks, 16 x 512 tokens, 25 % removed; rates measured here on the
   narrow checkpoint) and for real Llama-70B (80 blocks) and -405B (126 blocks) pruned to 25 % on one
-  H200 (141 GB, budget 85 % of it, 256 GB pinned host memory) with a 5 GB/s disk; the H200's rate is
-  assumed (half its 989 TFLOP/s dense bf16 peak), not measured.
+  H200 (141 GB, budget 85 % of it, 256 GB pinned host memory) with a 5 GB/s disk, by SLM's best-first
+  search and by SLEB's loop; the H200's rate is assumed (half its 989 TFLOP/s dense bf16 peak), not
+  measured.
 
 Every measured figure is from this run; every extrapolated one says so.
 """
@@ -46,6 +47,8 @@ from slm_fast.cost import (
     Rates,
     Replay,
     flops_per_token,
+    head_tokens_per_plan,
+    predicted_sleb_steps,
     predicted_steps,
     predicted_sweeps,
     sharing_gain,
@@ -228,19 +231,29 @@ def header_only_checkpoint(folder: Path, shape: BlockShape, blocks: int, dtype: 
 
 
 def extrapolate_row(
-    name: str, reader: CheckpointReader, samples: int, seq_len: int, dtype, device, budget, rates: Rates, host=None
-) -> dict:
+    name: str, reader: CheckpointReader, samples: int, seq_len: int, dtype, device, budget, rates: Rates, host=None,
+    method: str = "slm",
+) -> dict:  # fmt: skip
+    """The cost model's figures for removing a quarter of the blocks: SLM's best-first search (windows
+    grown top-down) or SLEB's loop (blocks removed top-down; every plan's tokens through the head)."""
     target = reader.num_blocks // 4
     layout = plan_memory(reader, samples, seq_len, dtype, torch.device(device), budget, host_bytes=host)
-    replay = Replay(reader, layout, samples, seq_len, dtype, "keep_high")
-    steps = list(predicted_steps(reader.num_blocks, target, 0, reader.num_blocks - 2))
+    head_tokens = head_tokens_per_plan("ppl" if method == "sleb" else "cosine", samples, seq_len)
+    replay = Replay(reader, layout, samples, seq_len, dtype, "keep_high", head_tokens)
+    if method == "sleb":
+        steps = list(predicted_sleb_steps(reader.num_blocks, target))
+        selection = output_blocks([], reader.num_blocks, steps[-1][1])
+    else:
+        steps = list(predicted_steps(reader.num_blocks, target, 0, reader.num_blocks - 2))
+        selection = output_blocks(steps[-1][1], reader.num_blocks)
     for plans, _ in steps:
         replay.sweep(plans)
-    compensation = replay.compensation(output_blocks(steps[-1][1], reader.num_blocks))
+    compensation = replay.compensation(selection)
     figures = summarize(replay.finish(), rates, reader, seq_len, dtype)
     return {
         "compensation": summarize_compensation(compensation, rates),
         "model": name,
+        "method": method,
         "blocks": reader.num_blocks,
         "remove": target,
         "tokens": f"{samples} x {seq_len}",
@@ -288,39 +301,43 @@ def bench_extrapolate(args, workdir: Path) -> list[dict]:
     for name, shape, blocks in (("Llama-70B", SHAPE_70B, 80), ("Llama-405B", SHAPE_405B, 126)):
         folder = header_only_checkpoint(workdir / f"header-{name}", shape, blocks)
         reader = CheckpointReader(folder)
-        for samples, seq_len in ((16, 512), (128, 2048)):
-            rates = h200_rates(reader, seq_len)
-            rows.append(
-                extrapolate_row(
-                    f"{name} (H200, assumed rates)",
-                    reader,
-                    samples,
-                    seq_len,
-                    torch.bfloat16,
-                    "cuda",
-                    budget_h200,
-                    rates,
-                    host=H200["host"],
+        for method in ("slm", "sleb"):
+            for samples, seq_len in ((16, 512), (128, 2048)):
+                rates = h200_rates(reader, seq_len)
+                rows.append(
+                    extrapolate_row(
+                        f"{name} (H200, assumed rates)",
+                        reader,
+                        samples,
+                        seq_len,
+                        torch.bfloat16,
+                        "cuda",
+                        budget_h200,
+                        rates,
+                        host=H200["host"],
+                        method=method,
+                    )
                 )
-            )
-            print(rows[-1]["model"], rows[-1]["tokens"], f"{rows[-1]['seconds'] / 3600:.1f} h", flush=True)
+                row = rows[-1]
+                print(row["model"], method, row["tokens"], f"{row['seconds'] / 3600:.1f} h", flush=True)
         shutil.rmtree(folder)
     for row in rows:
         row["compensation"]["sums_seconds_on_this_cpu"] = row["compensation"]["sums_flops"] / cpu_sums_rate
-    print("\nextrapolated (cost model), 25 % of the blocks removed by best-first")
+    print("\nextrapolated (cost model), 25 % of the blocks removed by best-first (slm) or SLEB's loop (sleb)")
     print(
-        "| model | calib tokens | block loads | read GB | plan states GB | spilled GB "
-        "| peak device / host / disk states GB | PFLOP | read h | compute h | spill h | total h "
-        "| compensation: spans, h (of which sums) | the sums on this CPU h |"
+        "| model | search | calib tokens | block loads | read GB | plan states GB | spilled GB "
+        "| peak device / host / disk states GB | PFLOP (blocks + head) | read h | compute h | head h | spill h "
+        "| total h | compensation: spans, h (of which sums) | the sums on this CPU h |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         peak, parts, comp = r["peak_state_bytes"], r["seconds_by_part"], r["compensation"]
         print(
-            f"| {r['model']} | {r['tokens']} | {r['block_loads']:,} | {r['bytes_read'] / GB:,.0f} "
+            f"| {r['model']} | {r['method']} | {r['tokens']} | {r['block_loads']:,} | {r['bytes_read'] / GB:,.0f} "
             f"| {r['max_plan_state_bytes'] / GB:,.1f} | {r['state_bytes_written'] / GB:,.0f} "
             f"| {peak['device'] / GB:,.1f} / {peak['host'] / GB:,.1f} / {peak['disk'] / GB:,.1f} "
-            f"| {r['forward_flops'] / 1e15:,.1f} | {parts['read'] / 3600:.2f} | {parts['compute'] / 3600:.2f} "
+            f"| {(r['forward_flops'] + r['head_flops']) / 1e15:,.1f} | {parts['read'] / 3600:.2f} "
+            f"| {parts['compute'] / 3600:.2f} | {parts['head'] / 3600:.2f} "
             f"| {parts['state_disk'] / 3600:.2f} | {r['seconds'] / 3600:.2f} "
             f"| {comp['carriers']}, {comp['seconds'] / 3600:.3f} ({comp['seconds_by_part']['sums'] / 3600:.3f}) "
             f"| {comp['sums_seconds_on_this_cpu'] / 3600:.2f} |"
