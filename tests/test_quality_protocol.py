@@ -121,9 +121,17 @@ def test_a_healed_row_is_restored_by_healing_again(pruned, tmp_path):
     out = protocol.restore_model(model, tmp_path / "work", results, "2/slm+lora")
     want, got = load_file(tmp_path / "healed" / "model.safetensors"), load_file(out / "model.safetensors")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert "restored" not in results["2/slm+lora"]  # bit for bit: nothing to record
     other = {"2/slm": results["2/slm"], "2/slm+lora": {"heal": heal | {"lr": 1e-5}, "nll": healed_nll}}
     with pytest.raises(SystemExit, match="differ from the recorded"):
         protocol.restore_model(model, tmp_path / "other", other, "2/slm+lora")
+    # A re-heal on another machine: within RETRAINED, accepted and recorded as such
+    shifted = {corpus: [x + 5e-6 for x in values] for corpus, values in healed_nll.items()}
+    elsewhere = {"2/slm": results["2/slm"], "2/slm+lora": {"heal": heal, "nll": shifted, "zero_shot": {"piqa": {}}}}
+    protocol.restore_model(model, tmp_path / "elsewhere", elsewhere, "2/slm+lora")
+    restored = elsewhere["2/slm+lora"]["restored"]
+    assert restored["nll_gap"] == pytest.approx(5e-6, abs=1e-6) and restored["tasks_scored_before"] == ["piqa"]
+    assert restored["weights_digest"] == protocol.weights_digest(out)
 
 
 def test_a_row_with_the_weights_of_a_scored_row_is_its_twin(pruned, tmp_path):
