@@ -56,6 +56,16 @@ def gromov_blocks(distances: list[float], n: int) -> list[int]:
     return list(range(start, start + n))
 
 
+def boundary_reads(method: str, num_blocks: int, n: int) -> list[int]:
+    """The boundary states (whole, in order) that the one-pass methods' scores read from the cache:
+    shortgpt_scores and gromov_distances; last-n reads none. The cost model replays these reads."""
+    if method == "shortgpt":
+        return [b for i in range(num_blocks) for b in (i, i + 1)]
+    if method == "gromov":
+        return [b for l in range(num_blocks - n + 1) for b in (l, l + n)]
+    return []
+
+
 def last_n_blocks(num_blocks: int, n: int) -> list[int]:
     _check_count(n, num_blocks - 1)
     return list(range(num_blocks - 1 - n, num_blocks - 1))

@@ -144,6 +144,12 @@ class Replay:
         for c in range(len(self.chunks)):
             self.ledger.read(("boundary", num_blocks, c))
 
+    def read_boundaries(self, boundaries: list[int]) -> None:
+        """Whole boundary states read in this order (every chunk), as the one-pass baselines read them."""
+        for boundary in boundaries:
+            for c in range(len(self.chunks)):
+                self.ledger.read(("boundary", boundary, c))
+
     def sweep(self, plans: list[tuple[Window, ...]]) -> None:
         from slm_fast.slm import Entry, SharedStates, sweep_schedule
 

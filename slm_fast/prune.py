@@ -39,6 +39,7 @@ from slm_fast.windows import Window, format_windows, output_blocks
 
 REPORT_NAME = "slm_report.json"
 THRESHOLD_METHODS = ("slm", "laco")
+ONE_PASS_METHODS = ("shortgpt", "gromov", "last-n")  # select from the calibration states, no search
 SEARCHES = ("best-first", "sliding")
 # What the reference code fixes (slm_reference.md sections 1-3); `--preset reference` applies them all.
 # The calibration corpus is not among them: the reference's sampler runs on the corpus chosen.
@@ -379,8 +380,8 @@ def estimate(source: str | Path, options: PruneOptions) -> str:
     options = _resolved(options)
     if not _modelled(options):
         raise InputError(
-            "--dry-run models a greedy search to a block count: give --method slm (--search best-first) or "
-            "--method sleb, with --remove or --ratio"
+            "--dry-run models a run to a block count (--remove or --ratio) by --method slm with --search "
+            "best-first, sleb, shortgpt, gromov or last-n"
         )
     reader = CheckpointReader(source)
     runner, _, _, layout = _runtime(reader, options, options.n_samples, spill_dir=None)
@@ -435,24 +436,26 @@ def _log(options: PruneOptions, message: str) -> None:
 
 
 def _predict(reader, options, layout, rates, dtype) -> dict | None:
-    """The cost model's a-priori figures for a greedy search to a block count (SLM's best-first, SLEB's
-    loop), with the compensation sweep's on the selection the model assumes when --compensate linear;
-    None for the searches it does not model."""
+    """The cost model's a-priori figures for a run to a block count by a method it models (SLM's
+    best-first, SLEB's loop, the one-pass baselines), with the compensation sweep's on the selection the
+    model assumes when --compensate linear; None for the searches it does not model."""
     if not _modelled(options):
         return None
     replay = _replay(reader, options, layout, dtype)
-    target = _target_blocks(reader, options)
-    if options.method == "sleb":
-        steps = list(cost.predicted_sleb_steps(reader.num_blocks, target))
-        for plans, _ in steps:
-            replay.sweep(plans)
-        assumed = output_blocks([], reader.num_blocks, steps[-1][1] if steps else [])
-    else:
-        lowest, highest = options.protect_bottom, reader.num_blocks - 1 - options.protect_top
-        steps = list(cost.predicted_steps(reader.num_blocks, target, lowest, highest))
-        for plans, _ in steps:
-            replay.sweep(plans)
-        assumed = output_blocks(steps[-1][1] if steps else [], reader.num_blocks)
+    target, num_blocks = _target_blocks(reader, options), reader.num_blocks
+    if options.method == "slm":
+        lowest, highest = options.protect_bottom, num_blocks - 1 - options.protect_top
+        steps = list(cost.predicted_steps(num_blocks, target, lowest, highest))
+        assumed = output_blocks(steps[-1][1] if steps else [], num_blocks)
+    elif options.method == "sleb":
+        steps = list(cost.predicted_sleb_steps(num_blocks, target))
+        assumed = output_blocks([], num_blocks, steps[-1][1] if steps else [])
+    else:  # ShortGPT, Gromov, last-n: the selection from the calibration states, then its one score
+        replay.read_boundaries(baselines.boundary_reads(options.method, num_blocks, target))
+        assumed = output_blocks([], num_blocks, baselines.last_n_blocks(num_blocks, target))
+        steps = [([tuple(assumed)], None)] if target else []
+    for plans, _ in steps:
+        replay.sweep(plans)
     extra = {}
     if options.compensate == "linear":
         extra["compensation"] = cost.summarize_compensation(replay.compensation(assumed), rates)
@@ -460,9 +463,12 @@ def _predict(reader, options, layout, rates, dtype) -> dict | None:
 
 
 def _modelled(options: PruneOptions) -> bool:
-    """Whether the cost model predicts this run: a greedy search (SLM best-first, SLEB) to a block count."""
-    greedy = options.method == "sleb" or (options.method == "slm" and options.search == "best-first")
-    return greedy and options.threshold is None
+    """Whether the cost model predicts this run: a block count (not a threshold) and a method whose
+    search it replays: SLM's best-first, SLEB's loop, or a one-pass baseline (ShortGPT, Gromov, last-n:
+    their selection assumed to be the blocks last-n drops, which moves only the one score's cost)."""
+    if options.threshold is not None:
+        return False
+    return options.method in ("sleb", *ONE_PASS_METHODS) or (options.method == "slm" and options.search == "best-first")
 
 
 def _replay(reader, options, layout, dtype) -> cost.Replay:
@@ -485,6 +491,9 @@ def _cost_report(
     timed in calibration and search; the compensation sweep's likewise under "compensation" (replayed on
     the run's `selection`, against `compensation_work`: the runner's counts during the fit)."""
     replay = _replay(reader, options, layout, runner.dtype)
+    if options.method in ONE_PASS_METHODS:  # their selection's reads of the calibration states
+        count = _target_blocks(reader, options)
+        replay.read_boundaries(baselines.boundary_reads(options.method, reader.num_blocks, count))
     for plans in scorer.sweeps:
         replay.sweep(plans)
     compensation = None

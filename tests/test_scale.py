@@ -127,9 +127,11 @@ def test_dry_run_prints_the_cost_and_writes_nothing(source, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "search sweeps 2 after the calibration sweep, plans scored 15" in printed  # 8 + 7 candidates
     assert f"head (the criterion's logits): {15 * (1 + 4 * 31):,} tokens" in printed  # ppl: 4 x 31 targets + probe
+    assert main([*args, "--remove", "2", "--method", "shortgpt", "--dry-run"]) == 0
+    assert "search sweeps 1 after the calibration sweep, plans scored 1" in capsys.readouterr().out
     assert not list(tmp_path.iterdir())
     assert main([*args, "--ratio", "0.2", "--search", "sliding", "--dry-run"]) == 2
-    assert "--dry-run models a greedy search to a block count" in capsys.readouterr().err
+    assert "--dry-run models a run to a block count" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("remove, budget", [(1, "1MB"), (3, "300KB"), (3, "10GB")])
@@ -176,6 +178,19 @@ def test_the_cost_model_counts_the_head_work_of_the_logit_criteria(source, tmp_p
     exact = counts if remove == 1 else ("head_tokens", "head_flops")
     assert {k: cost["predicted_over_measured"][k] for k in exact} == dict.fromkeys(exact, 1.0)
     assert cost["predicted"]["seconds_by_part"]["head"] > 0
+
+
+@pytest.mark.parametrize("method", ["last-n", "shortgpt", "gromov"])
+def test_the_cost_model_counts_a_one_pass_baseline(source, tmp_path, method):
+    """ShortGPT, Gromov and last-n select from the calibration states and score their one model: the
+    replay counts what the run does; the prediction assumes last-n's blocks, so it is exact for last-n."""
+    prune(source, tmp_path / "out", options(source, method=method, remove=3, memory_budget=2**20, micro_batch=1))
+    cost = json.loads((tmp_path / "out" / "slm_report.json").read_text())["cost"]
+    counts = ("block_loads", "bytes_read", "token_forwards", "state_bytes_written", "state_bytes_read")
+    assert {k: cost["replayed_over_measured"][k] for k in counts} == dict.fromkeys(counts, 1.0)
+    assert cost["replayed"]["sweeps"] == cost["replayed"]["plans_scored"] == 1
+    if method == "last-n":
+        assert {k: cost["predicted_over_measured"][k] for k in counts} == dict.fromkeys(counts, 1.0)
 
 
 def test_compute_dtype_and_the_default_budget_are_reported(source, tmp_path):
