@@ -1,5 +1,5 @@
-"""The cost model of a greedy prune run (SLM's best-first search, SLEB's removal loop): what it will read,
-write and compute, and how long that takes.
+"""The cost model of a prune run to a block count (SLM's best-first search, SLEB's removal loop, the
+one-pass baselines: ShortGPT, Gromov, last-n): what it will read, write and compute, and how long.
 
 The counts come from replaying the run's own schedule without computing anything: the calibration
 sweep, then every search step's sweep (`slm.sweep_schedule`), through the same block residency
