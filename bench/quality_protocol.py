@@ -252,7 +252,7 @@ def write_recorded_selection(model: Path, recorded: dict, rule: str, out: Path, 
 SAME_COMPUTATION = 1e-6
 # Training is seeded but not bit-reproducible on another machine (other SIMD kernels and summation orders
 # in every float32 step compound over the steps): a re-heal of SmolLM2's 6/sleb+comp+partial on another
-# CPU differed by up to 5.5e-6 nats. 1e-4 allows 18x that and stays 40x below what one step of that
+# CPU differed by up to 8.7e-6 nats. 1e-4 allows 11x that and stays 40x below what one step of that
 # heal changes (its loss fell 0.12 nats over 30 steps) or another learning rate would.
 RETRAINED = 1e-4
 
