@@ -37,7 +37,7 @@ LACO_RULE = "keep_high_norms_low"
 
 def shortgpt_scores(cache: HiddenStateCache, num_blocks: int) -> list[float]:
     """Block influence of every block (lower = more redundant)."""
-    return [block_influence(cache.get(i), cache.get(i + 1)).item() for i in range(num_blocks)]
+    return [block_influence(cache.get(a), cache.get(b)).item() for a, b in _shortgpt_pairs(num_blocks)]
 
 
 def shortgpt_blocks(scores: list[float], remove: int) -> list[int]:
@@ -48,7 +48,7 @@ def shortgpt_blocks(scores: list[float], remove: int) -> list[int]:
 def gromov_distances(cache: HiddenStateCache, num_blocks: int, n: int) -> list[float]:
     """Mean last-token angular distance between h_l and h_{l+n} for every l = 0..L-n."""
     _check_count(n, num_blocks)
-    return [angular_distance(cache.get(l), cache.get(l + n)).mean().item() for l in range(num_blocks - n + 1)]
+    return [angular_distance(cache.get(a), cache.get(b)).mean().item() for a, b in _gromov_pairs(num_blocks, n)]
 
 
 def gromov_blocks(distances: list[float], n: int) -> list[int]:
@@ -59,11 +59,16 @@ def gromov_blocks(distances: list[float], n: int) -> list[int]:
 def boundary_reads(method: str, num_blocks: int, n: int) -> list[int]:
     """The boundary states (whole, in order) that the one-pass methods' scores read from the cache:
     shortgpt_scores and gromov_distances; last-n reads none. The cost model replays these reads."""
-    if method == "shortgpt":
-        return [b for i in range(num_blocks) for b in (i, i + 1)]
-    if method == "gromov":
-        return [b for l in range(num_blocks - n + 1) for b in (l, l + n)]
-    return []
+    pairs = {"shortgpt": lambda: _shortgpt_pairs(num_blocks), "gromov": lambda: _gromov_pairs(num_blocks, n)}
+    return [b for pair in pairs.get(method, list)() for b in pair]
+
+
+def _shortgpt_pairs(num_blocks: int) -> list[tuple[int, int]]:
+    return [(i, i + 1) for i in range(num_blocks)]
+
+
+def _gromov_pairs(num_blocks: int, n: int) -> list[tuple[int, int]]:
+    return [(l, l + n) for l in range(num_blocks - n + 1)]
 
 
 def last_n_blocks(num_blocks: int, n: int) -> list[int]:
