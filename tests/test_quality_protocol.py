@@ -50,6 +50,19 @@ def test_recorded_selection_refuses_another_model(pruned, tmp_path):
         protocol.write_recorded_selection(model, other, recorded["rule"], tmp_path / "other", nll)
 
 
+def test_recorded_selection_allows_another_machines_rounding(pruned, tmp_path):
+    """NLLs recorded on another CPU (a few float32 ulps off, as Qwen2.5's 4/last-n came back) are the
+    recorded model; a gap beyond RECOMPUTED is not."""
+    model, _, recorded, nll = pruned
+    elsewhere = {corpus: [x + 3e-6 for x in values] for corpus, values in nll.items()}
+    info = protocol.write_recorded_selection(model, recorded, recorded["rule"], tmp_path / "here", elsewhere)
+    assert info["recorded"]
+    assert protocol.check_recorded(tmp_path / "here", elsewhere) == pytest.approx(3e-6, abs=protocol.SAME_COMPUTATION)
+    beyond = {corpus: [x + 2 * protocol.RECOMPUTED for x in values] for corpus, values in nll.items()}
+    with pytest.raises(SystemExit, match="differ from the recorded"):
+        protocol.check_recorded(tmp_path / "here", beyond)
+
+
 def test_config_rule_is_what_prune_applies():
     assert protocol.config_rule([]) == PruneOptions().rule
     assert protocol.config_rule(protocol.CONFIGS["laco"]) == LACO_RULE
