@@ -2,14 +2,16 @@
 adapters applied, partial training touches only the head and the last blocks, runs resume exactly."""
 
 import json
+import types
 
 import pytest
 import torch
 from tiny_models import save_tiny_checkpoint, save_tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
+from slm_fast.checkpoint import staging
 from slm_fast.cli import main
-from slm_fast.errors import InputError
+from slm_fast.errors import CheckpointError, InputError
 from slm_fast.healing import HealOptions, heal, train
 
 IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
@@ -124,3 +126,46 @@ def test_cli_heal_and_errors(source, tmp_path, capsys):
     assert main(["heal", str(source), str(tmp_path / "bad"), "--corpus", corpus, "--device", "mps"]) == 2
     assert "--device 'mps': only cpu and cuda devices are supported" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def folder_bytes(folder):
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+@pytest.mark.parametrize("mode", ["lora", "partial"])
+def test_disk_space_estimate_covers_what_is_written(source, tmp_path, monkeypatch, mode):
+    """The pre-flight check's figures against the sizes of the state and the checkpoint on disk."""
+    needs = []
+    check = train.ensure_free_space_for
+    monkeypatch.setattr(train, "ensure_free_space_for", lambda wanted: needs.append(wanted) or check(wanted))
+    calls = {"n": 0}
+    step = train.train_step
+
+    def interrupted(*args):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return step(*args)
+
+    monkeypatch.setattr(train, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        heal(source, tmp_path / "out", options(source, mode=mode, save_every=4))
+    state = (tmp_path / ".out.heal-work" / "state.pt").stat().st_size
+    checkpoint_need, state_need = needs[0]
+    assert state_need.what.startswith("the resumable state") and checkpoint_need.what == "the healed checkpoint"
+    assert state <= state_need.nbytes / 2 <= 1.5 * state  # two saves ahead: the new beside the old
+    monkeypatch.setattr(train, "train_step", step)
+    heal(source, tmp_path / "out", options(source, mode=mode, save_every=4))
+    checkpoint_need, state_need = needs[1]
+    assert state <= state_need.nbytes <= 1.5 * state  # resumed at step 4: one save ahead, one on disk
+    written = folder_bytes(tmp_path / "out")
+    assert written <= checkpoint_need.nbytes <= 1.5 * written
+
+
+def test_not_enough_disk_space_fails_before_training(source, tmp_path, monkeypatch):
+    monkeypatch.setattr(staging.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=1000, used=0, free=1000))
+    monkeypatch.setattr(train, "train_step", lambda *args: pytest.fail("trained despite the full disk"))
+    message = r"not enough disk space in .*: the healed checkpoint and the resumable state in .*\.out\.heal-work need"
+    with pytest.raises(CheckpointError, match=message):
+        heal(source, tmp_path / "out", options(source, mode="partial", save_every=4))
+    assert list(tmp_path.iterdir()) == []

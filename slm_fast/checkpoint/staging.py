@@ -9,6 +9,7 @@ import glob
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from slm_fast.errors import CheckpointError
@@ -97,31 +98,60 @@ def copy_tagalong_files(source: Path, destination: Path) -> list[str]:
     """Copy tokenizer, generation-config and similar small files; weights, the index, config.json
     and model cards (which would describe the unpruned model) are not copied."""
     copied = []
-    for path in sorted(source.iterdir()):
-        if (
-            not path.is_file()
-            or path.suffix in WEIGHT_SUFFIXES
-            or path.name in REWRITTEN_FILES
-            or path.suffix.lower() == ".md"
-        ):
-            continue
+    for path in tagalong_files(source):
         shutil.copy2(path, destination / path.name)
         copied.append(path.name)
     return copied
 
 
+def tagalong_files(source: Path) -> list[Path]:
+    """The files of `source` that `copy_tagalong_files` copies."""
+    return [
+        path
+        for path in sorted(source.iterdir())
+        if path.is_file()
+        and path.suffix not in WEIGHT_SUFFIXES
+        and path.name not in REWRITTEN_FILES
+        and path.suffix.lower() != ".md"
+    ]
+
+
+@dataclass(frozen=True)
+class SpaceNeed:
+    """`nbytes` that a command will write under `folder` (which may not exist yet); `what` names them
+    in the error."""
+
+    what: str
+    folder: Path
+    nbytes: int
+
+
 def ensure_free_space(output: Path, needed_bytes: int) -> None:
     """Fail early when the filesystem that will hold `output` (which may not exist yet, nor its
     parents) has less room than the output needs."""
-    existing = output.resolve()
-    while not existing.exists():
-        existing = existing.parent
-    free = shutil.disk_usage(existing).free
-    if free < needed_bytes:
-        raise CheckpointError(
-            f"not enough disk space in {existing}: the output needs {needed_bytes / 1e9:.2f} GB, "
-            f"{free / 1e9:.2f} GB free"
-        )
+    ensure_free_space_for([SpaceNeed("the output", output, needed_bytes)])
+
+
+def ensure_free_space_for(needs: list[SpaceNeed]) -> None:
+    """Fail early when any filesystem has less room than what will be written to it: needs whose
+    folders share a filesystem share its free space, so they add up."""
+    by_filesystem: dict[int, tuple[Path, list[SpaceNeed]]] = {}
+    for need in needs:
+        if need.nbytes <= 0:
+            continue  # nothing written there: no reason to name it
+        existing = need.folder.resolve()
+        while not existing.exists():
+            existing = existing.parent
+        by_filesystem.setdefault(existing.stat().st_dev, (existing, []))[1].append(need)
+    for existing, shared in by_filesystem.values():
+        needed = sum(need.nbytes for need in shared)
+        free = shutil.disk_usage(existing).free
+        if free < needed:
+            what = " and ".join(need.what for need in shared)
+            raise CheckpointError(
+                f"not enough disk space in {existing}: {what} need{'s' if len(shared) == 1 else ''} "
+                f"{needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free"
+            )
 
 
 @contextlib.contextmanager

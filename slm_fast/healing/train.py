@@ -29,7 +29,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slm_fast.checkpoint.staging import check_output_location, copy_tagalong_files, staged_folder
+from slm_fast.checkpoint.staging import (
+    SpaceNeed,
+    check_output_location,
+    copy_tagalong_files,
+    ensure_free_space_for,
+    staged_folder,
+    tagalong_files,
+)
 from slm_fast.devices import check_device
 from slm_fast.errors import InputError
 from slm_fast.healing.curve import plot_loss_curve
@@ -41,6 +48,10 @@ FUSED_TARGETS = ("qkv_proj", "gate_up_proj")  # Phi-3's fused projections stand 
 REPORT_NAME = "heal_report.json"
 CURVE_NAME = "loss_curve.png"
 STATE_NAME = "state.pt"
+# torch.save's zip record, pickle entry and key name around each tensor: about 400 bytes measured.
+SAVED_TENSOR_OVERHEAD = 1024
+# The loss curve PNG (about 40 kB), config.json, the adapter's card, and the report's line per step.
+REPORT_BYTES, REPORT_BYTES_PER_STEP = 256 * 1024, 32
 
 
 @dataclass
@@ -115,12 +126,14 @@ def heal(source: str | Path, output: str | Path, options: HealOptions) -> HealRe
     windows = training_windows(source, options.corpus, options.cutoff)
 
     model, dtype = _load(source)
+    checkpoint_bytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize
     model.to(device)
     torch.manual_seed(options.seed)  # LoRA's A matrices are drawn at random (on the device's generator)
     model = prepare(model, options)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=options.lr)
     start, losses = _resume(work, model, optimizer, options)
+    ensure_free_space_for(_space_needs(source, output, work, options, start, checkpoint_bytes, trainable))
 
     model.train()
     bar = tqdm(
@@ -131,7 +144,7 @@ def heal(source: str | Path, output: str | Path, options: HealOptions) -> HealRe
         losses.append(train_step(model, optimizer, batch, options.seed + step))
         bar.update()
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if (step + 1) % options.save_every == 0 and step + 1 < options.steps:
+        if _saves_after(step, options):
             _save_state(work, model, optimizer, losses, options)
     bar.close()
 
@@ -158,6 +171,31 @@ def heal(source: str | Path, output: str | Path, options: HealOptions) -> HealRe
         (staging / REPORT_NAME).write_text(json.dumps(record, indent=1) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _saves_after(step: int, options: HealOptions) -> bool:
+    """Whether the resumable state is saved after `step` (not after the last: the output follows)."""
+    return (step + 1) % options.save_every == 0 and step + 1 < options.steps
+
+
+def _space_needs(
+    source: Path, output: Path, work: Path, options: HealOptions, start: int, checkpoint_bytes: int, trainable
+) -> list[SpaceNeed]:
+    """What the run will write: the healed checkpoint (weights in the stored dtype, LoRA's float32
+    adapter, the tokenizer and other tag-along files, the report) and the resumable state (the float32 trainable
+    tensors and AdamW's two moments), of which a save holds two copies while it replaces an earlier one.
+    Checked before training, so that a full disk does not end hours of it with torch.save's error."""
+    trained_bytes = sum(p.numel() for p in trainable) * 4
+    state_bytes = 3 * (trained_bytes + len(trainable) * SAVED_TENSOR_OVERHEAD)
+    adapter_bytes = trained_bytes if options.mode == "lora" else 0
+    tagalong_bytes = sum(path.stat().st_size for path in tagalong_files(source))
+    report_bytes = REPORT_BYTES + REPORT_BYTES_PER_STEP * options.steps
+    saves = sum(_saves_after(step, options) for step in range(start, options.steps))
+    state_copies = min(saves, 1 if start else 2)  # a resumed run's state is already on disk
+    return [
+        SpaceNeed("the healed checkpoint", output, checkpoint_bytes + adapter_bytes + tagalong_bytes + report_bytes),
+        SpaceNeed(f"the resumable state in {work}", work, state_copies * state_bytes),
+    ]
 
 
 def _load(source: Path) -> tuple[nn.Module, torch.dtype]:
