@@ -14,6 +14,7 @@ from slm_fast.cli import main
 from slm_fast.errors import CheckpointError, InputError
 from slm_fast.healing import HealOptions, heal, train
 
+TRAIN_STEP = train.train_step
 IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
 DEVICES = [
     "cpu",
@@ -83,23 +84,28 @@ def test_partial_trains_only_head_and_last_blocks(source, tmp_path):
     assert any(n.startswith("model.layers.3.") for n in changed)
 
 
-def test_interrupted_run_resumes_to_the_same_result(source, tmp_path, monkeypatch):
-    heal(source, tmp_path / "straight", options(source, save_every=4))
-    calls = {"n": 0}
-    step = train.train_step
+def interrupted_at_call(n):
+    """`train_step` that stops the run with KeyboardInterrupt at its n-th call."""
+    calls = 0
 
     def interrupted(*args):
-        calls["n"] += 1
-        if calls["n"] == 7:
+        nonlocal calls
+        calls += 1
+        if calls == n:
             raise KeyboardInterrupt
-        return step(*args)
+        return TRAIN_STEP(*args)
 
-    monkeypatch.setattr(train, "train_step", interrupted)
+    return interrupted
+
+
+def test_interrupted_run_resumes_to_the_same_result(source, tmp_path, monkeypatch):
+    heal(source, tmp_path / "straight", options(source, save_every=4))
+    monkeypatch.setattr(train, "train_step", interrupted_at_call(7))
     with pytest.raises(KeyboardInterrupt):
         heal(source, tmp_path / "resumed", options(source, save_every=4))
     assert (tmp_path / ".resumed.heal-work" / "state.pt").is_file()
     assert not (tmp_path / "resumed").exists()
-    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(train, "train_step", TRAIN_STEP)
     report = heal(source, tmp_path / "resumed", options(source, save_every=4))
     assert report.resumed_from == 4
     straight = AutoModelForCausalLM.from_pretrained(tmp_path / "straight").state_dict()
@@ -107,11 +113,10 @@ def test_interrupted_run_resumes_to_the_same_result(source, tmp_path, monkeypatc
     for name, tensor in straight.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0)
     # A work folder left by a run with other options is refused, not silently mixed in.
-    calls["n"] = 0
-    monkeypatch.setattr(train, "train_step", interrupted)
+    monkeypatch.setattr(train, "train_step", interrupted_at_call(7))
     with pytest.raises(KeyboardInterrupt):
         heal(source, tmp_path / "again", options(source, save_every=4))
-    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(train, "train_step", TRAIN_STEP)
     with pytest.raises(InputError, match="other options"):
         heal(source, tmp_path / "again", options(source, save_every=4, lr=2e-2))
 
@@ -138,23 +143,14 @@ def test_disk_space_estimate_covers_what_is_written(source, tmp_path, monkeypatc
     needs = []
     check = train.ensure_free_space_for
     monkeypatch.setattr(train, "ensure_free_space_for", lambda wanted: needs.append(wanted) or check(wanted))
-    calls = {"n": 0}
-    step = train.train_step
-
-    def interrupted(*args):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return step(*args)
-
-    monkeypatch.setattr(train, "train_step", interrupted)
+    monkeypatch.setattr(train, "train_step", interrupted_at_call(7))
     with pytest.raises(KeyboardInterrupt):
         heal(source, tmp_path / "out", options(source, mode=mode, save_every=4))
     state = (tmp_path / ".out.heal-work" / "state.pt").stat().st_size
     checkpoint_need, state_need = needs[0]
     assert state_need.what.startswith("the resumable state") and checkpoint_need.what == "the healed checkpoint"
     assert state <= state_need.nbytes / 2 <= 1.5 * state  # two saves ahead: the new beside the old
-    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(train, "train_step", TRAIN_STEP)
     heal(source, tmp_path / "out", options(source, mode=mode, save_every=4))
     checkpoint_need, state_need = needs[1]
     assert state <= state_need.nbytes <= 1.5 * state  # resumed at step 4: one save ahead, one on disk
