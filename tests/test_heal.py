@@ -137,31 +137,55 @@ def folder_bytes(folder):
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
-@pytest.mark.parametrize("mode", ["lora", "partial"])
-def test_disk_space_estimate_covers_what_is_written(source, tmp_path, monkeypatch, mode):
-    """The pre-flight check's figures against the sizes of the state and the checkpoint on disk."""
+def recorded_space_needs(monkeypatch):
+    """The lists of needs `heal` checks (one per peak: training, writing the output), as it checks them."""
     needs = []
     check = train.ensure_free_space_for
     monkeypatch.setattr(train, "ensure_free_space_for", lambda wanted: needs.append(wanted) or check(wanted))
+    return needs
+
+
+@pytest.mark.parametrize("mode", ["lora", "partial"])
+def test_disk_space_estimate_covers_what_is_written(source, tmp_path, monkeypatch, mode):
+    """The pre-flight check's figures against the sizes of the state and the checkpoint on disk."""
+    needs = recorded_space_needs(monkeypatch)
     monkeypatch.setattr(train, "train_step", interrupted_at_call(7))
     with pytest.raises(KeyboardInterrupt):
         heal(source, tmp_path / "out", options(source, mode=mode, save_every=4))
     state = (tmp_path / ".out.heal-work" / "state.pt").stat().st_size
-    checkpoint_need, state_need = needs[0]
-    assert state_need.what.startswith("the resumable state") and checkpoint_need.what == "the healed checkpoint"
-    assert state <= state_need.nbytes / 2 <= 1.5 * state  # two saves ahead: the new beside the old
+    [training], [checkpoint_need, kept_state] = needs
+    assert training.what.startswith("the resumable state") and checkpoint_need.what == "the healed checkpoint"
+    assert state <= training.nbytes / 2 <= 1.5 * state  # two saves ahead: the new beside the old
+    assert state <= kept_state.nbytes <= 1.5 * state  # the last state stays until the output is complete
     monkeypatch.setattr(train, "train_step", TRAIN_STEP)
     heal(source, tmp_path / "out", options(source, mode=mode, save_every=4))
-    checkpoint_need, state_need = needs[1]
-    assert state <= state_need.nbytes <= 1.5 * state  # resumed at step 4: one save ahead, one on disk
+    [training], [checkpoint_need, kept_state] = needs[2:]
+    assert state <= training.nbytes <= 1.5 * state  # resumed at step 4: one save ahead, one on disk
+    assert kept_state.nbytes == 0  # the state on disk is already counted as used
     written = folder_bytes(tmp_path / "out")
     assert written <= checkpoint_need.nbytes <= 1.5 * written
 
 
 def test_not_enough_disk_space_fails_before_training(source, tmp_path, monkeypatch):
-    monkeypatch.setattr(staging.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=1000, used=0, free=1000))
+    """Each peak is checked on its own: the room that covers the larger one is enough."""
+    needs = recorded_space_needs(monkeypatch)
+    monkeypatch.setattr(train, "train_step", interrupted_at_call(1))
+    with pytest.raises(KeyboardInterrupt):
+        heal(source, tmp_path / "out", options(source, save_every=4))
+    training, writing = (sum(need.nbytes for need in at_once) for at_once in needs)
+    assert 0 < training < writing  # LoRA: the checkpoint outweighs a second state copy
+
+    def free_space(free):
+        monkeypatch.setattr(staging.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=free, free=free))
+
     monkeypatch.setattr(train, "train_step", lambda *args: pytest.fail("trained despite the full disk"))
-    message = r"not enough disk space in .*: the healed checkpoint and the resumable state in .*\.out\.heal-work need"
-    with pytest.raises(CheckpointError, match=message):
-        heal(source, tmp_path / "out", options(source, mode="partial", save_every=4))
+    work = r"the resumable state in .*\.out\.heal-work"
+    for free, message in [(training - 1, f"{work} needs"), (writing - 1, f"the healed checkpoint and {work} need")]:
+        free_space(free)
+        with pytest.raises(CheckpointError, match=rf"not enough disk space in .*: {message} .* GB free"):
+            heal(source, tmp_path / "out", options(source, save_every=4))
     assert list(tmp_path.iterdir()) == []
+    free_space(writing)
+    monkeypatch.setattr(train, "train_step", TRAIN_STEP)
+    heal(source, tmp_path / "out", options(source, save_every=4))
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -133,7 +133,8 @@ def heal(source: str | Path, output: str | Path, options: HealOptions) -> HealRe
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=options.lr)
     start, losses = _resume(work, model, optimizer, options)
-    ensure_free_space_for(_space_needs(source, output, work, options, start, checkpoint_bytes, trainable))
+    for needs_at_once in _space_needs(source, output, work, options, start, checkpoint_bytes, trainable):
+        ensure_free_space_for(needs_at_once)
 
     model.train()
     bar = tqdm(
@@ -180,22 +181,27 @@ def _saves_after(step: int, options: HealOptions) -> bool:
 
 def _space_needs(
     source: Path, output: Path, work: Path, options: HealOptions, start: int, checkpoint_bytes: int, trainable
-) -> list[SpaceNeed]:
-    """What the run will write: the healed checkpoint (weights in the stored dtype, LoRA's float32
-    adapter, the tokenizer and other tag-along files, the report) and the resumable state (the float32 trainable
-    tensors and AdamW's two moments), of which a save holds two copies while it replaces an earlier one.
-    Checked before training, so that a full disk does not end hours of it with torch.save's error."""
+) -> tuple[list[SpaceNeed], list[SpaceNeed]]:
+    """What the run adds to the disk at its two peaks, checked before training so that a full disk does
+    not end hours of it with torch.save's error. While training: the resumable state (the float32
+    trainable tensors and AdamW's two moments), two copies while a save replaces an earlier one (one
+    when resuming: the earlier is already on disk). While writing the output: the healed checkpoint
+    (weights in the stored dtype, LoRA's float32 adapter, the tag-along files, the report), beside the
+    last state, which is kept until the checkpoint is complete."""
     trained_bytes = sum(p.numel() for p in trainable) * 4
     state_bytes = 3 * (trained_bytes + len(trainable) * SAVED_TENSOR_OVERHEAD)
     adapter_bytes = trained_bytes if options.mode == "lora" else 0
     tagalong_bytes = sum(path.stat().st_size for path in tagalong_files(source))
     report_bytes = REPORT_BYTES + REPORT_BYTES_PER_STEP * options.steps
     saves = sum(_saves_after(step, options) for step in range(start, options.steps))
-    state_copies = min(saves, 1 if start else 2)  # a resumed run's state is already on disk
-    return [
-        SpaceNeed("the healed checkpoint", output, checkpoint_bytes + adapter_bytes + tagalong_bytes + report_bytes),
-        SpaceNeed(f"the resumable state in {work}", work, state_copies * state_bytes),
-    ]
+    new_states = min(saves, 1 if start else 2)
+    kept_states = 0 if start else min(saves, 1)
+    state = f"the resumable state in {work}"
+    checkpoint = checkpoint_bytes + adapter_bytes + tagalong_bytes + report_bytes
+    return (
+        [SpaceNeed(state, work, new_states * state_bytes)],
+        [SpaceNeed("the healed checkpoint", output, checkpoint), SpaceNeed(state, work, kept_states * state_bytes)],
+    )
 
 
 def _load(source: Path) -> tuple[nn.Module, torch.dtype]:
